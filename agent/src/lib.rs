@@ -1,0 +1,1 @@
+//! Agent crate: layerd and layerctl land with the agent issue.

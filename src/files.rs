@@ -1,0 +1,178 @@
+//! Open files and directories: the handle tables and the rules for opening
+//! (copy-up on write, O_TRUNC without copying data, setuid clearing).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::copyup::copy_up;
+use crate::dirmerge::DirEnt;
+use crate::inode::Node;
+use crate::sys;
+use crate::union::{errno, Ctx, Union};
+
+pub struct OpenFile {
+    pub ino: u64,
+    pub fd: OwnedFd,
+    pub append: bool,
+    /// The file may carry setuid/setgid bits that a write must clear.
+    pub maybe_suid: AtomicBool,
+}
+
+pub struct OpenDir {
+    pub ino: u64,
+    pub entries: Arc<Vec<DirEnt>>,
+}
+
+const SHARDS: usize = 16;
+
+/// Handle table: fh -> object, sharded so parallel opens do not contend.
+pub struct Handles<T> {
+    shards: Vec<Mutex<HashMap<u64, Arc<T>>>>,
+    next: AtomicU64,
+}
+
+impl<T> Default for Handles<T> {
+    fn default() -> Self {
+        Handles {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl<T> Handles<T> {
+    pub fn insert(&self, v: T) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed);
+        self.shards[fh as usize % SHARDS]
+            .lock()
+            .insert(fh, Arc::new(v));
+        fh
+    }
+
+    pub fn get(&self, fh: u64) -> io::Result<Arc<T>> {
+        self.shards[fh as usize % SHARDS]
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))
+    }
+
+    pub fn remove(&self, fh: u64) -> Option<Arc<T>> {
+        self.shards[fh as usize % SHARDS].lock().remove(&fh)
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn wants_write(flags: i32) -> bool {
+    let acc = flags & libc::O_ACCMODE;
+    acc == libc::O_WRONLY || acc == libc::O_RDWR || flags & libc::O_TRUNC != 0
+}
+
+/// Flags for the descriptor on the layer: the caller's, minus what the union
+/// handles itself. O_DIRECT is dropped (FUSE buffers are not aligned; the
+/// handle is opened with FOPEN_DIRECT_IO instead, so the page cache is still bypassed).
+fn backing_flags(flags: i32) -> i32 {
+    (flags
+        & !(libc::O_CREAT
+            | libc::O_EXCL
+            | libc::O_NOCTTY
+            | libc::O_TRUNC
+            | libc::O_DIRECT
+            | libc::O_NOFOLLOW))
+        | libc::O_NOFOLLOW
+}
+
+/// Open `node` for I/O. Opening for write copies the object up first; with
+/// O_TRUNC the copy carries no data (it is about to be discarded).
+pub fn open(u: &Union, ctx: &Ctx, node: &Node, flags: i32) -> io::Result<OpenFile> {
+    let trunc = flags & libc::O_TRUNC != 0;
+    if wants_write(flags) {
+        u.check_writable()?;
+        copy_up(u, node, !trunc)?;
+    }
+    let loc = u.loc(node)?;
+    let fd = sys::openat(loc.dir.as_fd(), &loc.name, backing_flags(flags), 0)?;
+    let st = sys::fstat(fd.as_fd())?;
+    let suid = st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0;
+    if trunc && st.st_size != 0 {
+        sys::ftruncate(fd.as_fd(), 0)?;
+    }
+    if trunc && ctx.uid != 0 && suid {
+        clear_suid(&fd, st.st_mode)?;
+    }
+    Ok(OpenFile {
+        ino: node.ino,
+        fd,
+        append: flags & libc::O_APPEND != 0,
+        maybe_suid: AtomicBool::new(suid),
+    })
+}
+
+/// Clear setuid, and setgid when group-executable (setgid without group
+/// execute is mandatory locking and stays), as the kernel does on write.
+pub fn clear_suid(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+    let mut new = mode & 0o7777 & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        new &= !libc::S_ISGID;
+    }
+    if new != mode & 0o7777 {
+        sys::fchmod(fd.as_fd(), new)?;
+    }
+    Ok(())
+}
+
+impl OpenFile {
+    /// Before a write by an unprivileged caller: drop setuid/setgid bits.
+    pub fn kill_suid(&self) -> io::Result<()> {
+        if !self.maybe_suid.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let st = sys::fstat(self.fd.as_fd())?;
+        clear_suid(&self.fd, st.st_mode)?;
+        self.maybe_suid.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn write(&self, data: &[u8], off: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < data.len() {
+            let n = if self.append {
+                // The kernel picks the end of file: concurrent appenders stay whole.
+                sys::write(self.fd.as_fd(), &data[done..])?
+            } else {
+                sys::pwrite(self.fd.as_fd(), &data[done..], off + done as u64)?
+            };
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    pub fn read(&self, size: usize, off: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; size];
+        let mut done = 0;
+        while done < size {
+            let n = sys::pread(self.fd.as_fd(), &mut buf[done..], off + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+}

@@ -1,0 +1,694 @@
+//! The fuser `Filesystem` implementation: translates each FUSE request into a
+//! call on the union and the reply. No overlay logic lives here.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::info;
+
+use crate::attrs::{self, SetAttr};
+use crate::dirmerge::{self, DirEnt};
+use crate::files::{self, Handles, OpenDir, OpenFile};
+use crate::inode::ROOT_INO;
+use crate::namespace::{self, NewObject};
+use crate::sys::{self, Stat, TimeSpec};
+use crate::union::{Ctx, Union};
+
+/// How long the kernel may cache entries and attributes. Every change goes
+/// through layerfs, which answers with fresh attributes, so a short TTL only
+/// bounds how long an outside change to the upper (not supported) could show.
+const TTL: Duration = Duration::from_secs(1);
+
+pub struct LayerFs {
+    pub union: Arc<Union>,
+    files: Handles<OpenFile>,
+    dirs: Handles<OpenDir>,
+}
+
+impl LayerFs {
+    pub fn new(union: Arc<Union>) -> Self {
+        LayerFs {
+            union,
+            files: Handles::default(),
+            dirs: Handles::default(),
+        }
+    }
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn err(e: io::Error) -> Errno {
+    Errno::from(e)
+}
+
+fn kind(fmt: u32) -> FileType {
+    match fmt {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::new((-sec) as u64, 0) + Duration::new(0, nsec as u32)
+    }
+}
+
+pub fn to_attr(st: &Stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(st.st_ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: time(st.st_atime, st.st_atime_nsec),
+        mtime: time(st.st_mtime, st.st_mtime_nsec),
+        ctime: time(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: kind(st.st_mode & libc::S_IFMT),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn timespec(t: TimeOrNow) -> TimeSpec {
+    match t {
+        TimeOrNow::Now => TimeSpec::Now,
+        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => TimeSpec::At(d.as_secs() as i64, d.subsec_nanos() as i64),
+            Err(e) => {
+                let d = e.duration();
+                let mut s = -(d.as_secs() as i64);
+                let mut ns = -(d.subsec_nanos() as i64);
+                if ns < 0 {
+                    s -= 1;
+                    ns += 1_000_000_000;
+                }
+                TimeSpec::At(s, ns)
+            }
+        },
+    }
+}
+
+impl LayerFs {
+    fn entry(&self, reply: ReplyEntry, r: io::Result<(Arc<crate::inode::Node>, Stat)>) {
+        match r {
+            Ok((_, st)) => reply.entry(&TTL, &to_attr(&st), Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let want = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_MAX_PAGES;
+        // Never FUSE_SETXATTR_EXT: fuser 0.18 mis-parses it. No POSIX/flock
+        // lock flags: the kernel then handles locks locally, as for a local fs.
+        let caps = config.capabilities();
+        let _ = config.add_capabilities(want & caps);
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        info!(
+            killpriv_v2 = caps.contains(InitFlags::FUSE_HANDLE_KILLPRIV_V2),
+            "FUSE session initialised"
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(reply, self.union.lookup(parent.0, name));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.union.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let r = (|| {
+            if let Some(fh) = fh {
+                if let Ok(f) = self.files.get(fh.0) {
+                    let mut st = sys::fstat(f.fd.as_fd())?;
+                    st.st_ino = ino.0;
+                    return Ok(st);
+                }
+            }
+            let node = self.union.node(ino.0)?;
+            self.union.stat_node(&node)
+        })();
+        match r {
+            Ok(st) => reply.attr(&TTL, &to_attr(&st)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = (|| {
+            let node = self.union.node(ino.0)?;
+            let f = match fh {
+                Some(fh) => self.files.get(fh.0).ok(),
+                None => None,
+            };
+            attrs::setattr(
+                &self.union,
+                &ctx(req),
+                &node,
+                f.as_ref().map(|f| &f.fd),
+                SetAttr {
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    atime: atime.map(timespec),
+                    mtime: mtime.map(timespec),
+                },
+            )
+        })();
+        match r {
+            Ok(st) => reply.attr(&TTL, &to_attr(&st)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = (|| {
+            let node = self.union.node(ino.0)?;
+            let loc = self.union.loc(&node)?;
+            sys::readlinkat(loc.dir.as_fd(), &loc.name)
+        })();
+        match r {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = namespace::create(
+            &self.union,
+            &ctx(req),
+            parent.0,
+            name,
+            NewObject::Node {
+                mode,
+                rdev: u64::from(rdev),
+            },
+        )
+        .map(|(n, st, _)| (n, st));
+        self.entry(reply, r);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = namespace::create(
+            &self.union,
+            &ctx(req),
+            parent.0,
+            name,
+            NewObject::Dir { mode },
+        )
+        .map(|(n, st, _)| (n, st));
+        self.entry(reply, r);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match namespace::unlink(&self.union, parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match namespace::rmdir(&self.union, parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = namespace::create(
+            &self.union,
+            &ctx(req),
+            parent.0,
+            link_name,
+            NewObject::Symlink {
+                target: target.as_os_str(),
+            },
+        )
+        .map(|(n, st, _)| (n, st));
+        self.entry(reply, r);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match namespace::rename(
+            &self.union,
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            flags.bits(),
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            namespace::link(&self.union, ino.0, newparent.0, newname),
+        );
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let r = (|| {
+            let node = self.union.node(ino.0)?;
+            files::open(&self.union, &ctx(req), &node, flags.0)
+        })();
+        match r {
+            Ok(f) => {
+                let direct = flags.0 & libc::O_DIRECT != 0;
+                let fh = self.files.insert(f);
+                let fl = if direct {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), fl);
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self
+            .files
+            .get(fh.0)
+            .and_then(|f| f.read(size as usize, offset))
+        {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let r = (|| {
+            let f = self.files.get(fh.0)?;
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                f.kill_suid()?;
+            }
+            f.write(data, offset)
+        })();
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.remove(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .files
+            .get(fh.0)
+            .and_then(|f| sys::fsync(f.fd.as_fd(), datasync))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let r = (|| {
+            let node = self.union.node(ino.0)?;
+            let parent = node.state.read().parent;
+            let mut entries = vec![
+                DirEnt {
+                    name: ".".into(),
+                    ino: ino.0,
+                    fmt: libc::S_IFDIR,
+                },
+                DirEnt {
+                    name: "..".into(),
+                    ino: if ino.0 == ROOT_INO { ROOT_INO } else { parent },
+                    fmt: libc::S_IFDIR,
+                },
+            ];
+            entries.extend(dirmerge::list(&self.union, &node)?);
+            Ok::<_, io::Error>(self.dirs.insert(OpenDir {
+                ino: ino.0,
+                entries: Arc::new(entries),
+            }))
+        })();
+        match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let d = match self.dirs.get(fh.0) {
+            Ok(d) => d,
+            Err(e) => return reply.error(err(e)),
+        };
+        for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.fmt), &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.remove(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            let node = self.union.node(ino.0)?;
+            if !node.state.read().upper {
+                return Ok(());
+            }
+            let d = self.union.upper_dir_fd(&node)?;
+            let fd = sys::reopen(d.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+            sys::fsync(fd.as_fd(), datasync)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let root = self
+            .union
+            .layers
+            .upper_root()
+            .unwrap_or_else(|| self.union.layers.lower_root(1));
+        match sys::fstatvfs(root) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self
+            .union
+            .node(ino.0)
+            .and_then(|n| attrs::setxattr(&self.union, &n, name.as_bytes(), value, flags));
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = self
+            .union
+            .node(ino.0)
+            .and_then(|n| attrs::getxattr(&self.union, &n, name.as_bytes()));
+        xattr_reply(reply, r, size);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = self
+            .union
+            .node(ino.0)
+            .and_then(|n| attrs::listxattr(&self.union, &n));
+        xattr_reply(reply, r, size);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self
+            .union
+            .node(ino.0)
+            .and_then(|n| attrs::removexattr(&self.union, &n, name.as_bytes()));
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = namespace::create(
+            &self.union,
+            &ctx(req),
+            parent.0,
+            name,
+            NewObject::File { mode, flags },
+        );
+        match r {
+            Ok((node, st, Some(fd))) => {
+                let fh = self.files.insert(OpenFile {
+                    ino: node.ino,
+                    fd,
+                    append: flags & libc::O_APPEND != 0,
+                    maybe_suid: (st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0).into(),
+                });
+                let fl = if flags & libc::O_DIRECT != 0 {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.created(&TTL, &to_attr(&st), Generation(0), FileHandle(fh), fl);
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .files
+            .get(fh.0)
+            .and_then(|f| sys::fallocate(f.fd.as_fd(), mode, offset, length))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self
+            .files
+            .get(fh.0)
+            .and_then(|f| sys::lseek(f.fd.as_fd(), offset, whence))
+        {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, r: io::Result<Vec<u8>>, size: u32) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() <= size as usize => reply.data(&v),
+        Ok(_) => reply.error(Errno::ERANGE),
+        Err(e) => reply.error(err(e)),
+    }
+}
+

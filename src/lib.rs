@@ -1,0 +1,16 @@
+//! layerfs: a FUSE union of read-only repository layers under a per-server
+//! writable overlay. See docs/ARCHITECTURE.md for the map of modules.
+
+pub mod attrs;
+pub mod copyup;
+pub mod dirmerge;
+pub mod files;
+pub mod fs;
+pub mod inode;
+pub mod layers;
+pub mod mount;
+pub mod namespace;
+pub mod options;
+pub mod sys;
+pub mod union;
+pub mod whiteout;

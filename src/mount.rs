@@ -1,0 +1,240 @@
+//! Mounting: checks with clear errors, daemon mode, the FUSE session,
+//! systemd readiness and clean unmount on SIGTERM/SIGINT.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use fuser::{Config, MountOption, SessionACL};
+use tracing::{error, info, warn};
+
+use crate::fs::LayerFs;
+use crate::layers::Layers;
+use crate::options::MountOptions;
+use crate::sys;
+use crate::union::Union;
+
+pub struct MountRequest {
+    pub options: MountOptions,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+}
+
+/// Everything that can be checked before forking, with messages an operator can act on.
+fn preflight(req: &MountRequest) -> Result<()> {
+    let mp = &req.mountpoint;
+    match sys::stat_errno(mp) {
+        Some(libc::ENOTCONN) => {
+            // A previous daemon died (kill -9, crash): its mount is dead. Clear it.
+            warn!(mountpoint = %mp.display(), "clearing a dead FUSE mount left by a previous daemon");
+            sys::umount_detach(mp)
+                .with_context(|| format!("cannot clear the dead mount at {}", mp.display()))?;
+        }
+        Some(libc::ENOENT) => bail!("mount point '{}' does not exist", mp.display()),
+        Some(e) => bail!(
+            "cannot use mount point '{}': {}",
+            mp.display(),
+            std::io::Error::from_raw_os_error(e)
+        ),
+        None => {}
+    }
+    if !mp.is_dir() {
+        bail!("mount point '{}' is not a directory", mp.display());
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "/dev/fuse does not exist: load the fuse module (modprobe fuse) or give the container the device"
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            bail!("no permission to open /dev/fuse: run layerfs as root")
+        }
+        Err(e) => bail!("cannot open /dev/fuse: {e}"),
+    }
+    if sys::geteuid() != 0 && req.options.upper.is_some() {
+        bail!(
+            "no permission: a writable layerfs mount must run as root (it writes whiteouts and trusted.* attributes in the upper layer)"
+        );
+    }
+    Ok(())
+}
+
+fn fuse_config(opts: &MountOptions, read_only: bool) -> Config {
+    let mut mo = vec![
+        MountOption::FSName(opts.fsname.clone().unwrap_or_else(|| "layerfs".into())),
+        MountOption::Subtype("layerfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    let f = &opts.flags;
+    mo.push(if read_only {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    mo.push(if f.nodev {
+        MountOption::NoDev
+    } else {
+        MountOption::Dev
+    });
+    mo.push(if f.nosuid {
+        MountOption::NoSuid
+    } else {
+        MountOption::Suid
+    });
+    mo.push(if f.noexec {
+        MountOption::NoExec
+    } else {
+        MountOption::Exec
+    });
+    if f.noatime {
+        mo.push(MountOption::NoAtime);
+    }
+    if f.sync {
+        mo.push(MountOption::Sync);
+    }
+    if f.dirsync {
+        mo.push(MountOption::DirSync);
+    }
+    let threads = if opts.threads > 0 {
+        opts.threads
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| (n.get() * 2).clamp(4, 16))
+            .unwrap_or(4)
+    };
+    let mut c = Config::default();
+    c.mount_options = mo;
+    c.acl = SessionACL::All;
+    c.n_threads = Some(threads);
+    c.clone_fd = true;
+    c
+}
+
+/// Mount and serve until unmounted. In daemon mode the calling process
+/// returns only once the mount is up (or failed), like mount(8) expects.
+pub fn run(req: MountRequest) -> Result<()> {
+    preflight(&req)?;
+    let layers = Layers::open(&req.options)?;
+    if req.foreground {
+        return serve(req, layers, None);
+    }
+    let (rd, wr) = sys::pipe()?;
+    match sys::fork()? {
+        0 => {
+            drop(rd);
+            sys::setsid();
+            let status = serve(req, layers, Some(wr));
+            if let Err(e) = &status {
+                error!("{e:#}");
+            }
+            std::process::exit(if status.is_ok() { 0 } else { 1 });
+        }
+        _child => {
+            drop(wr);
+            let mut msg = String::new();
+            let mut f = std::fs::File::from(rd);
+            let _ = f.read_to_string(&mut msg);
+            if msg == "ok" {
+                Ok(())
+            } else if msg.is_empty() {
+                Err(anyhow!("the layerfs daemon exited before the mount was ready"))
+            } else {
+                Err(anyhow!("{msg}"))
+            }
+        }
+    }
+}
+
+fn report(ready: &mut Option<OwnedFd>, msg: &str) {
+    if let Some(fd) = ready.take() {
+        let mut f = std::fs::File::from(fd);
+        let _ = f.write_all(msg.as_bytes());
+    }
+}
+
+fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Result<()> {
+    let result = (|| {
+        let read_only = req.options.read_only();
+        let union = Arc::new(Union::new(layers, read_only).context("cannot read the upper layer")?);
+        // The caller's mode arrives already masked by the kernel; take it as is.
+        sys::set_umask(0);
+        sys::block_term_signals()?;
+        let config = fuse_config(&req.options, read_only);
+        let fs = LayerFs::new(union);
+        let session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| {
+            anyhow!(
+                "cannot mount on '{}': {e}{}",
+                req.mountpoint.display(),
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    " (no permission: run as root)"
+                } else {
+                    ""
+                }
+            )
+        })?;
+        Ok::<_, anyhow::Error>(session)
+    })();
+    let mut session = match result {
+        Ok(s) => s,
+        Err(e) => {
+            report(&mut ready, &format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    info!(mountpoint = %req.mountpoint.display(), lowers = req.options.lowers.len(),
+          upper = ?req.options.upper, "layerfs mounted");
+    let mut unmounter = session.unmount_callable();
+    let mp = req.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = sys::wait_signal();
+            info!(signal = sig, "unmounting on signal");
+            if let Err(e) = unmounter.unmount() {
+                // Busy: detach now; the kernel finishes when the last user leaves.
+                warn!(err = %e, "unmount failed; detaching lazily");
+                if let Err(e) = sys::umount_detach(&mp) {
+                    error!(err = %e, "lazy unmount failed");
+                }
+            }
+        })?;
+    if ready.is_some() {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            // Daemon mode from a shell: do not write logs over the user's terminal.
+            let _ = sys::redirect_stdio_to_null();
+        }
+        report(&mut ready, "ok");
+    }
+    notify_systemd();
+    session.run().context("FUSE session ended with an error")?;
+    info!("layerfs unmounted");
+    Ok(())
+}
+
+/// Tell systemd (Type=notify) that the union is serving.
+fn notify_systemd() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let p = Path::new(&path);
+    let r = if let Some(abs) = p.to_str().and_then(|s| s.strip_prefix('@')) {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())
+            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
+    } else {
+        sock.send_to(b"READY=1", p)
+    };
+    if let Err(e) = r {
+        warn!(err = %e, "cannot notify systemd");
+    }
+}

@@ -1,0 +1,697 @@
+//! Every raw system call and every `unsafe` block of layerfs lives here.
+//!
+//! The wrappers are thin: they take directory descriptors and single path
+//! components (never paths with `/`), so callers cannot accidentally follow a
+//! symlink or `..` out of a layer. Each returns `io::Result`.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+pub use libc::stat as Stat;
+
+fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_ssize(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// `/proc/self/fd/N[/name]`: lets path-only calls (xattrs, chmod, utimes) act on
+/// an `O_PATH` descriptor without re-resolving anything outside the layer.
+fn proc_path(fd: BorrowedFd<'_>, name: Option<&OsStr>) -> io::Result<CString> {
+    let mut p = format!("/proc/self/fd/{}", fd.as_raw_fd()).into_bytes();
+    if let Some(n) = name {
+        if n.as_bytes().contains(&b'/') {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        p.push(b'/');
+        p.extend_from_slice(n.as_bytes());
+    }
+    CString::new(p).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// A single path component: refuses `/`, `.`, `..` and empty names.
+pub fn check_name(name: &OsStr) -> io::Result<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    if b.len() > 255 {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    Ok(())
+}
+
+pub fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string and descriptor; the returned fd is owned by us.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    check(fd)?;
+    // SAFETY: fd was just returned by openat and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Open a directory (absolute path, for layer roots) as an `O_PATH` descriptor.
+pub fn open_root(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: valid C string.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    check(fd)?;
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reopen an `O_PATH` descriptor with real access flags (through procfs, which
+/// re-checks permissions against the object itself, not a path).
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    let p = proc_path(fd, None)?;
+    // SAFETY: valid C string.
+    let nfd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) };
+    check(nfd)?;
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(nfd) })
+}
+
+pub fn fstatat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Stat> {
+    let c = cstr(name)?;
+    let mut st = MaybeUninit::<Stat>::zeroed();
+    // SAFETY: st is a valid out pointer.
+    check(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded and filled the struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    let mut st = MaybeUninit::<Stat>::zeroed();
+    // SAFETY: valid out pointer; AT_EMPTY_PATH stats the descriptor itself (works on O_PATH).
+    check(unsafe {
+        libc::fstatat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: filled by the kernel.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string and descriptor.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string and descriptor.
+    check(unsafe {
+        libc::mknodat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            mode as libc::mode_t,
+            rdev as libc::dev_t,
+        )
+    })
+    .map(drop)
+}
+
+pub fn symlinkat(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let t = cstr(target)?;
+    let c = cstr(name)?;
+    // SAFETY: valid C strings and descriptor.
+    check(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), c.as_ptr()) }).map(drop)
+}
+
+pub fn readlinkat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
+    let c = cstr(name)?;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: buf is writable for its length.
+    let n = check_ssize(unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, rmdir: bool) -> io::Result<()> {
+    let c = cstr(name)?;
+    let flags = if rmdir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: valid C string and descriptor.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) }).map(drop)
+}
+
+pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+pub const RENAME_EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+pub const RENAME_WHITEOUT: u32 = libc::RENAME_WHITEOUT;
+
+pub fn renameat2(
+    olddir: BorrowedFd<'_>,
+    oldname: &OsStr,
+    newdir: BorrowedFd<'_>,
+    newname: &OsStr,
+    flags: u32,
+) -> io::Result<()> {
+    let o = cstr(oldname)?;
+    let n = cstr(newname)?;
+    // SAFETY: valid C strings and descriptors.
+    check(unsafe {
+        libc::renameat2(
+            olddir.as_raw_fd(),
+            o.as_ptr(),
+            newdir.as_raw_fd(),
+            n.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn linkat(
+    olddir: BorrowedFd<'_>,
+    oldname: &OsStr,
+    newdir: BorrowedFd<'_>,
+    newname: &OsStr,
+) -> io::Result<()> {
+    let o = cstr(oldname)?;
+    let n = cstr(newname)?;
+    // SAFETY: valid C strings and descriptors; flags 0 = do not follow symlinks.
+    check(unsafe {
+        libc::linkat(
+            olddir.as_raw_fd(),
+            o.as_ptr(),
+            newdir.as_raw_fd(),
+            n.as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// Change owner without following a final symlink. `u32::MAX` leaves a field unchanged.
+pub fn fchownat(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: valid C string and descriptor.
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// chmod of the object an `O_PATH` descriptor refers to (procfs path: no
+/// re-resolution of the name, and never through a symlink in the layer).
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    let p = proc_path(fd, None)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+/// A time for `utimensat`: leave unchanged, set to now, or set to a value.
+#[derive(Debug, Clone, Copy)]
+pub enum TimeSpec {
+    Omit,
+    Now,
+    At(i64, i64),
+}
+
+/// Set access and modification times of `name` in `dir` (never following a final symlink).
+pub fn utimensat(dir: BorrowedFd<'_>, name: &OsStr, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
+    fn ts(t: TimeSpec) -> libc::timespec {
+        match t {
+            TimeSpec::Omit => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            TimeSpec::Now => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+            TimeSpec::At(s, ns) => libc::timespec {
+                tv_sec: s as libc::time_t,
+                tv_nsec: ns as _,
+            },
+        }
+    }
+    let c = cstr(name)?;
+    let times = [ts(atime), ts(mtime)];
+    // SAFETY: valid C string; times points to 2 timespecs.
+    check(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) }).map(drop)
+}
+
+/// Sets the calling thread's filesystem gid for the guard's lifetime, so new
+/// objects get the caller's group (or the setgid directory's) from the
+/// filesystem itself. Changing only the fsgid keeps every capability.
+pub struct FsGid(u32);
+
+impl FsGid {
+    pub fn set(gid: u32) -> FsGid {
+        // SAFETY: setfsgid affects only the calling thread (raw syscall, no
+        // glibc broadcast to other threads).
+        let prev = unsafe { libc::syscall(libc::SYS_setfsgid, gid) } as u32;
+        FsGid(prev)
+    }
+}
+
+impl Drop for FsGid {
+    fn drop(&mut self) {
+        // SAFETY: restores the previous fsgid of this thread.
+        unsafe {
+            libc::syscall(libc::SYS_setfsgid, self.0);
+        }
+    }
+}
+
+/// Extended attributes of `name` inside directory `dir` (or of `dir` itself
+/// when `name` is None), never following a final symlink.
+pub fn lgetxattr(dir: BorrowedFd<'_>, name: Option<&OsStr>, attr: &[u8]) -> io::Result<Vec<u8>> {
+    // "N/." resolves through the magic link to the directory itself; a bare
+    // "N" would name the procfs link, which l*xattr calls do not follow.
+    let p = proc_path(dir, Some(name.unwrap_or(OsStr::new("."))))?;
+    let a = CString::new(attr).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // SAFETY: zero-size query, then a buffer of the returned size.
+        let n = check_ssize(unsafe {
+            libc::lgetxattr(
+                p.as_ptr(),
+                a.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        });
+        match n {
+            Ok(n) if buf.is_empty() && n > 0 => buf.resize(n, 0),
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            // Raced with a change that grew the value: ask again.
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => buf.clear(),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn lsetxattr(
+    dir: BorrowedFd<'_>,
+    name: Option<&OsStr>,
+    attr: &[u8],
+    value: &[u8],
+    flags: i32,
+) -> io::Result<()> {
+    // "N/." resolves through the magic link to the directory itself; a bare
+    // "N" would name the procfs link, which l*xattr calls do not follow.
+    let p = proc_path(dir, Some(name.unwrap_or(OsStr::new("."))))?;
+    let a = CString::new(attr).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid strings and value buffer.
+    check(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            a.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn lremovexattr(dir: BorrowedFd<'_>, name: Option<&OsStr>, attr: &[u8]) -> io::Result<()> {
+    // "N/." resolves through the magic link to the directory itself; a bare
+    // "N" would name the procfs link, which l*xattr calls do not follow.
+    let p = proc_path(dir, Some(name.unwrap_or(OsStr::new("."))))?;
+    let a = CString::new(attr).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid strings.
+    check(unsafe { libc::lremovexattr(p.as_ptr(), a.as_ptr()) }).map(drop)
+}
+
+/// List of xattr names (NUL-separated as the kernel returns them, split here).
+pub fn llistxattr(dir: BorrowedFd<'_>, name: Option<&OsStr>) -> io::Result<Vec<Vec<u8>>> {
+    // "N/." resolves through the magic link to the directory itself; a bare
+    // "N" would name the procfs link, which l*xattr calls do not follow.
+    let p = proc_path(dir, Some(name.unwrap_or(OsStr::new("."))))?;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // SAFETY: zero-size query, then a buffer of the returned size.
+        let n = check_ssize(unsafe {
+            libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        });
+        match n {
+            Ok(n) if buf.is_empty() && n > 0 => buf.resize(n, 0),
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf
+                    .split(|b| *b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.to_vec())
+                    .collect());
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => buf.clear(),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One entry read from a directory descriptor.
+pub struct DirEntry {
+    pub ino: u64,
+    pub dtype: u8,
+    pub name: Vec<u8>,
+}
+
+/// Read all entries of a directory (without `.` and `..`).
+pub fn read_dir_all(dir: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
+    let fd = openat(dir, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is writable for its length; getdents64 fills whole records.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name...
+            let rec = &buf[off..];
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
+            let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
+            let dtype = rec[18];
+            let name_bytes = &rec[19..reclen];
+            let nlen = name_bytes.iter().position(|b| *b == 0).unwrap_or(name_bytes.len());
+            let name = &name_bytes[..nlen];
+            if name != b"." && name != b".." {
+                out.push(DirEntry {
+                    ino,
+                    dtype,
+                    name: name.to_vec(),
+                });
+            }
+            off += reclen;
+        }
+    }
+    Ok(out)
+}
+
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its argument.
+    check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE as _, src.as_raw_fd()) }).map(drop)
+}
+
+pub fn copy_file_range(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut so = src_off as libc::loff_t;
+    let mut d = dst_off as libc::loff_t;
+    // SAFETY: offsets are valid pointers; descriptors are open.
+    check_ssize(unsafe {
+        libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0)
+    } as libc::ssize_t)
+}
+
+pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: plain syscall on an open descriptor.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    check(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as i64, len as i64) }).map(drop)
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }).map(drop)
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    check(unsafe {
+        if datasync {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    })
+    .map(drop)
+}
+
+pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    check(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    // SAFETY: buf is writable for its length.
+    check_ssize(unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            off as i64,
+        )
+    })
+}
+
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
+    // SAFETY: buf is readable for its length.
+    check_ssize(unsafe {
+        libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64)
+    })
+}
+
+/// `write` at the current offset (for O_APPEND descriptors, where the kernel picks the offset).
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is readable for its length.
+    check_ssize(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
+}
+
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    let mut st = MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: valid out pointer.
+    check(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: filled by the kernel.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstatfs_type(fd: BorrowedFd<'_>) -> io::Result<i64> {
+    let mut st = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: valid out pointer.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: filled by the kernel.
+    Ok(unsafe { st.assume_init() }.f_type as i64)
+}
+
+/// Give the calling thread its own umask and cwd (so one request's umask
+/// never leaks into another thread's create).
+pub fn unshare_fs() -> io::Result<()> {
+    // SAFETY: affects only the calling thread's fs struct.
+    check(unsafe { libc::unshare(libc::CLONE_FS) }).map(drop)
+}
+
+pub fn set_umask(mask: u32) -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
+/// Supplementary groups of a process, from /proc (FUSE requests carry only uid/gid).
+pub fn process_groups(pid: u32) -> Vec<u32> {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Detach a mount point (used to clear a dead FUSE mount left by a killed daemon).
+pub fn umount_detach(path: &std::path::Path) -> io::Result<()> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) }).map(drop)
+}
+
+/// Fork, returning the child's pid in the parent and 0 in the child.
+/// Must be called while the process is single-threaded.
+pub fn fork() -> io::Result<i32> {
+    // SAFETY: called before any thread is started (see mount::daemonize).
+    let pid = unsafe { libc::fork() };
+    check(pid)
+}
+
+pub fn setsid() {
+    // SAFETY: no memory involved; failure (already a leader) is harmless.
+    unsafe {
+        libc::setsid();
+    }
+}
+
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds is a valid 2-element array.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors are fresh.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Point stdin/stdout/stderr at /dev/null (daemon mode).
+pub fn redirect_stdio_to_null() -> io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for target in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors.
+        check(unsafe { libc::dup2(null.as_fd().as_raw_fd(), target) })?;
+    }
+    Ok(())
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::geteuid() }
+}
+
+pub fn getpid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::getpid() as u32 }
+}
+
+pub fn makedev(major: u32, minor: u32) -> u64 {
+    libc::makedev(major, minor)
+}
+
+pub fn major(dev: u64) -> u32 {
+    libc::major(dev)
+}
+
+pub fn minor(dev: u64) -> u32 {
+    libc::minor(dev)
+}
+
+pub fn errno_name(e: &io::Error) -> String {
+    e.to_string()
+}
+
+pub fn cstr_to_os(c: &CStr) -> &OsStr {
+    OsStr::from_bytes(c.to_bytes())
+}
+
+/// Block SIGTERM, SIGINT and SIGHUP in this thread and every thread started
+/// after it, so that one dedicated thread can wait for them with `wait_signal`.
+pub fn block_term_signals() -> io::Result<()> {
+    let set = term_sigset();
+    // SAFETY: set is a valid, initialised signal set.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+fn term_sigset() -> libc::sigset_t {
+    let mut set = MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: sigemptyset/sigaddset initialise the set in place.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGTERM);
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGINT);
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGHUP);
+        set.assume_init()
+    }
+}
+
+/// Wait for one of the blocked termination signals; returns its number.
+pub fn wait_signal() -> i32 {
+    let set = term_sigset();
+    let mut sig: libc::c_int = 0;
+    // SAFETY: valid set and out pointer.
+    unsafe {
+        libc::sigwait(&set, &mut sig);
+    }
+    sig
+}
+
+/// errno of stat(path), if it fails (used to spot a dead FUSE mount: ENOTCONN).
+pub fn stat_errno(path: &std::path::Path) -> Option<i32> {
+    std::fs::metadata(path).err().and_then(|e| e.raw_os_error())
+}

@@ -1,0 +1,440 @@
+//! The union: lookup across layers and the state every operation shares.
+//!
+//! `Union` owns the layers and the inode table. Each FUSE operation in
+//! `fs.rs` is a thin adapter over a method here or in `copyup`, `namespace`
+//! and `dirmerge`; all of them return `io::Result` so they can be reused by
+//! the checkpoint and control code without a FUSE request.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::inode::{make_ino, InodeTable, LowerRef, Node, NodeState, ROOT_INO};
+use crate::layers::{join, split_last, FdCache, Layers};
+use crate::sys::{self, Stat};
+use crate::whiteout;
+
+/// Who is asking: the caller's credentials from the FUSE request.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Ctx {
+    pub fn root() -> Ctx {
+        Ctx {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        }
+    }
+}
+
+/// What a lookup found for one name.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub ino: u64,
+    pub fmt: u32,
+    /// Attributes of the topmost object, with `st_ino` already the union's.
+    pub st: Stat,
+    pub upper: bool,
+    pub lower: Option<LowerRef>,
+    pub lower_dirs: Vec<LowerRef>,
+    pub impure: bool,
+}
+
+/// Where an object lives right now: a directory descriptor and a name in it.
+pub struct Loc {
+    pub dir: Arc<OwnedFd>,
+    pub name: OsString,
+}
+
+const LOCK_STRIPES: usize = 64;
+
+pub struct Union {
+    pub layers: Layers,
+    pub inodes: InodeTable,
+    upper_dirs: FdCache<u64>,
+    locks: Vec<Mutex<()>>,
+    tmp_counter: AtomicU64,
+    read_only: bool,
+}
+
+pub fn fmt_of(st: &Stat) -> u32 {
+    st.st_mode & libc::S_IFMT
+}
+
+pub fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+fn not_found(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+impl Union {
+    pub fn new(layers: Layers, read_only: bool) -> io::Result<Union> {
+        let nl = layers.nlowers();
+        let root_upper = layers.upper_root().is_some();
+        let u = Union {
+            layers,
+            inodes: InodeTable::new(),
+            upper_dirs: FdCache::new(512),
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            tmp_counter: AtomicU64::new(0),
+            read_only,
+        };
+        let impure = match u.layers.upper_root() {
+            Some(r) => whiteout::read_dir_marks(r, None)?.impure,
+            None => false,
+        };
+        u.inodes.insert_root(NodeState {
+            parent: ROOT_INO,
+            name: OsString::new(),
+            aliases: vec![],
+            upper: root_upper,
+            lower: None,
+            lower_dirs: (1..=nl as u8)
+                .map(|layer| LowerRef {
+                    layer,
+                    path: Vec::new(),
+                })
+                .collect(),
+            impure,
+            unlinked: false,
+        });
+        Ok(u)
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(errno(libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn node(&self, ino: u64) -> io::Result<Arc<Node>> {
+        self.inodes.get(ino).ok_or_else(|| errno(libc::ENOENT))
+    }
+
+    /// Per-object lock (striped) serialising copy-up of one object.
+    pub fn lock_ino(&self, ino: u64) -> MutexGuard<'_, ()> {
+        self.locks[(ino as usize).wrapping_mul(31) % LOCK_STRIPES].lock()
+    }
+
+    /// A fresh name for a scratch object in workdir.
+    pub fn tmp_name(&self) -> OsString {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        OsString::from(format!("#lf{:x}-{:x}", sys::getpid(), n))
+    }
+
+    /// The upper directory of a directory node (which must have one).
+    pub fn upper_dir_fd(&self, node: &Node) -> io::Result<Arc<OwnedFd>> {
+        if let Some(fd) = self.upper_dirs.get(&node.ino) {
+            return Ok(fd);
+        }
+        let (parent, name, upper) = {
+            let st = node.state.read();
+            (st.parent, st.name.clone(), st.upper)
+        };
+        if !upper {
+            return Err(errno(libc::ENOENT));
+        }
+        let fd = if node.ino == ROOT_INO {
+            let root = self.layers.upper_root().ok_or_else(|| errno(libc::EROFS))?;
+            Arc::new(sys::openat(
+                root,
+                OsStr::new("."),
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )?)
+        } else {
+            let pnode = self.node(parent)?;
+            let pfd = self.upper_dir_fd(&pnode)?;
+            Arc::new(sys::openat(
+                pfd.as_fd(),
+                &name,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )?)
+        };
+        self.upper_dirs.insert(node.ino, fd.clone());
+        Ok(fd)
+    }
+
+    pub fn forget_upper_dir(&self, ino: u64) {
+        self.upper_dirs.remove(&ino);
+    }
+
+    /// Directory descriptor + name of the topmost object of `node`.
+    pub fn loc(&self, node: &Node) -> io::Result<Loc> {
+        let st = node.state.read().clone();
+        if node.is_dir() {
+            let dir = if st.upper {
+                self.upper_dir_fd(node)?
+            } else {
+                let l = st.lower_dirs.first().ok_or_else(|| errno(libc::ENOENT))?;
+                self.layers.lower_dir(l.layer, &l.path)?
+            };
+            return Ok(Loc {
+                dir,
+                name: OsString::from("."),
+            });
+        }
+        if st.upper {
+            let p = self.node(st.parent)?;
+            Ok(Loc {
+                dir: self.upper_dir_fd(&p)?,
+                name: st.name,
+            })
+        } else {
+            let l = st.lower.ok_or_else(|| errno(libc::ENOENT))?;
+            let (pp, name) = split_last(&l.path);
+            Ok(Loc {
+                dir: self.layers.lower_dir(l.layer, pp)?,
+                name: OsStr::from_bytes(name).to_os_string(),
+            })
+        }
+    }
+
+    /// Current attributes of a node, with the union's inode number.
+    pub fn stat_node(&self, node: &Node) -> io::Result<Stat> {
+        let loc = self.loc(node)?;
+        let mut st = sys::fstatat(loc.dir.as_fd(), &loc.name)?;
+        st.st_ino = node.ino;
+        Ok(st)
+    }
+
+    /// Look `name` up in directory `parent` across all layers.
+    pub fn probe(
+        &self,
+        dir: &Node,
+        parent: &NodeState,
+        name: &OsStr,
+    ) -> io::Result<Option<Probe>> {
+        let mut upper_st: Option<Stat> = None;
+        let mut marks = whiteout::DirMarks::default();
+        let mut origin = None;
+        if parent.upper {
+            let pfd = self.upper_dir_fd(dir)?;
+            match sys::fstatat(pfd.as_fd(), name) {
+                Ok(st) => {
+                    if whiteout::is_whiteout(&st) {
+                        return Ok(None);
+                    }
+                    if fmt_of(&st) == libc::S_IFDIR {
+                        marks = whiteout::read_dir_marks(pfd.as_fd(), Some(name))?;
+                    } else {
+                        if parent.impure {
+                            origin = whiteout::read_origin(pfd.as_fd(), name);
+                        }
+                        let mut st = st;
+                        st.st_ino = origin.unwrap_or_else(|| make_ino(0, st.st_ino));
+                        return Ok(Some(Probe {
+                            ino: st.st_ino,
+                            fmt: fmt_of(&st),
+                            st,
+                            upper: true,
+                            lower: None,
+                            lower_dirs: vec![],
+                            impure: false,
+                        }));
+                    }
+                    upper_st = Some(st);
+                }
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+
+        // Candidate lower paths, topmost first.
+        let nb = name.as_bytes();
+        let candidates: Vec<LowerRef> = if upper_st.is_some() && marks.opaque {
+            vec![]
+        } else if let Some(r) = &marks.redirect {
+            if r.starts_with(b"/") {
+                match whiteout::resolve_redirect(r, b"") {
+                    Some(p) => (1..=self.layers.nlowers() as u8)
+                        .map(|layer| LowerRef {
+                            layer,
+                            path: p.clone(),
+                        })
+                        .collect(),
+                    None => vec![],
+                }
+            } else {
+                parent
+                    .lower_dirs
+                    .iter()
+                    .filter_map(|l| {
+                        whiteout::resolve_redirect(r, &l.path).map(|path| LowerRef {
+                            layer: l.layer,
+                            path,
+                        })
+                    })
+                    .collect()
+            }
+        } else {
+            parent
+                .lower_dirs
+                .iter()
+                .map(|l| LowerRef {
+                    layer: l.layer,
+                    path: join(&l.path, nb),
+                })
+                .collect()
+        };
+
+        let mut lower_dirs = Vec::new();
+        let mut first_lower_st: Option<Stat> = None;
+        let mut lower_obj: Option<(LowerRef, Stat)> = None;
+        for c in candidates {
+            let (pp, base) = split_last(&c.path);
+            let dfd = match self.layers.lower_dir(c.layer, pp) {
+                Ok(f) => f,
+                Err(e) if not_found(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            let st = match sys::fstatat(dfd.as_fd(), OsStr::from_bytes(base)) {
+                Ok(st) => st,
+                Err(e) if not_found(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if whiteout::is_whiteout(&st) {
+                break;
+            }
+            if fmt_of(&st) != libc::S_IFDIR {
+                if upper_st.is_none() && lower_dirs.is_empty() {
+                    lower_obj = Some((c, st));
+                }
+                break;
+            }
+            if upper_st.is_none() && lower_dirs.is_empty() {
+                first_lower_st = Some(st);
+            } else if first_lower_st.is_none() {
+                first_lower_st = Some(st);
+            }
+            let opaque = whiteout::read_dir_marks(dfd.as_fd(), Some(OsStr::from_bytes(base)))
+                .map(|m| m.opaque)
+                .unwrap_or(false);
+            lower_dirs.push(c);
+            if opaque {
+                break;
+            }
+        }
+
+        if let Some(mut st) = upper_st {
+            // Upper directory, possibly merged with lower ones.
+            let ino = match (&first_lower_st, lower_dirs.first()) {
+                (Some(l), Some(r)) => make_ino(r.layer, l.st_ino),
+                _ => make_ino(0, st.st_ino),
+            };
+            st.st_ino = ino;
+            return Ok(Some(Probe {
+                ino,
+                fmt: libc::S_IFDIR,
+                st,
+                upper: true,
+                lower: None,
+                lower_dirs,
+                impure: marks.impure,
+            }));
+        }
+        if let Some((l, mut st)) = lower_obj {
+            st.st_ino = make_ino(l.layer, st.st_ino);
+            return Ok(Some(Probe {
+                ino: st.st_ino,
+                fmt: fmt_of(&st),
+                st,
+                upper: false,
+                lower: Some(l),
+                lower_dirs: vec![],
+                impure: false,
+            }));
+        }
+        if let (Some(mut st), Some(first)) = (first_lower_st, lower_dirs.first()) {
+            st.st_ino = make_ino(first.layer, st.st_ino);
+            return Ok(Some(Probe {
+                ino: st.st_ino,
+                fmt: libc::S_IFDIR,
+                st,
+                upper: false,
+                lower: None,
+                lower_dirs,
+                impure: false,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Does anything (not a whiteout) exist at `name` below the upper, in the
+    /// lower directories of `parent`? Then removing the upper object must leave a whiteout.
+    pub fn lower_has(&self, parent: &NodeState, name: &OsStr) -> io::Result<bool> {
+        for l in &parent.lower_dirs {
+            let dfd = match self.layers.lower_dir(l.layer, &l.path) {
+                Ok(f) => f,
+                Err(e) if not_found(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            match sys::fstatat(dfd.as_fd(), name) {
+                Ok(st) => return Ok(!whiteout::is_whiteout(&st)),
+                Err(e) if not_found(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Probe `name` in directory node `dir`.
+    pub fn probe_in(&self, dir: &Node, name: &OsStr) -> io::Result<Option<Probe>> {
+        let st = dir.state.read().clone();
+        self.probe(dir, &st, name)
+    }
+
+    /// Look up `name` in `parent` and count a kernel reference on the result.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<(Arc<Node>, Stat)> {
+        sys::check_name(name)?;
+        let pnode = self.node(parent)?;
+        if !pnode.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let p = self.probe_in(&pnode, name)?.ok_or_else(|| errno(libc::ENOENT))?;
+        let node = self.inodes.lookup_or_insert(
+            p.ino,
+            p.fmt,
+            NodeState {
+                parent,
+                name: name.to_os_string(),
+                aliases: vec![],
+                upper: p.upper,
+                lower: p.lower.clone(),
+                lower_dirs: p.lower_dirs.clone(),
+                impure: p.impure,
+                unlinked: false,
+            },
+        );
+        // The table's node may know more (copied up through another name).
+        let st = if node.state.read().upper && !p.upper {
+            self.stat_node(&node)?
+        } else {
+            p.st
+        };
+        Ok((node, st))
+    }
+
+    /// A directory's entries changed through layerfs. Cached listings of it
+    /// are rebuilt at the next opendir (each opendir takes a fresh snapshot).
+    pub fn dir_changed(&self, _dir: &Node) {}
+}
