@@ -132,7 +132,12 @@ fn build_copy(
             let target = sys::readlinkat(src_dir, src_name)?;
             sys::symlinkat(OsStr::from_bytes(&target), work, tmp)?;
         }
-        _ => sys::mknodat(work, tmp, fmt | 0o600, sst.st_rdev)?,
+        _ => {
+            sys::mknodat(work, tmp, fmt | 0o600, sst.st_rdev)?;
+            if whiteout::looks_like_whiteout(sst) {
+                whiteout::mark_chardev(work, tmp)?;
+            }
+        }
     }
     sys::fchownat(work, tmp, sst.st_uid, sst.st_gid)?;
     copy_xattrs(src_dir, src_name, work, tmp)?;

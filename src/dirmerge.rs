@@ -52,7 +52,7 @@ pub fn list(u: &Union, node: &Node) -> io::Result<Vec<DirEnt>> {
             let fmt = match dtype_fmt(e.dtype) {
                 Some(f) if f != libc::S_IFCHR => f,
                 _ => match sys::fstatat(dfd.as_fd(), &name) {
-                    Ok(s) if whiteout::is_whiteout(&s) => {
+                    Ok(s) if whiteout::is_whiteout(dfd.as_fd(), &name, &s) => {
                         seen.insert(name);
                         continue;
                     }
@@ -92,7 +92,7 @@ pub fn list(u: &Union, node: &Node) -> io::Result<Vec<DirEnt>> {
             let fmt = match dtype_fmt(e.dtype) {
                 Some(f) if f != libc::S_IFCHR => f,
                 _ => match sys::fstatat(dfd.as_fd(), &name) {
-                    Ok(s) if whiteout::is_whiteout(&s) => {
+                    Ok(s) if whiteout::is_whiteout(dfd.as_fd(), &name, &s) => {
                         seen.insert(name);
                         continue;
                     }

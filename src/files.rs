@@ -19,6 +19,8 @@ pub struct OpenFile {
     pub ino: u64,
     pub fd: OwnedFd,
     pub append: bool,
+    /// Opened by the kernel to execute the file.
+    pub exec: bool,
     /// The file may carry setuid/setgid bits that a write must clear.
     pub maybe_suid: AtomicBool,
 }
@@ -70,6 +72,13 @@ impl<T> Handles<T> {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
+    /// First handle matching `pred` (a scan: for rare paths only).
+    pub fn find(&self, pred: impl Fn(&T) -> bool) -> Option<Arc<T>> {
+        self.shards
+            .iter()
+            .find_map(|s| s.lock().values().find(|v| pred(v)).cloned())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -107,7 +116,13 @@ pub fn open(u: &Union, ctx: &Ctx, node: &Node, flags: i32) -> io::Result<OpenFil
     let st = sys::fstat(fd.as_fd())?;
     let suid = st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0;
     if trunc && st.st_size != 0 {
-        sys::ftruncate(fd.as_fd(), 0)?;
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            // O_RDONLY|O_TRUNC truncates on Linux; that needs a writable descriptor.
+            let w = sys::openat(loc.dir.as_fd(), &loc.name, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
+            sys::ftruncate(w.as_fd(), 0)?;
+        } else {
+            sys::ftruncate(fd.as_fd(), 0)?;
+        }
     }
     if trunc && ctx.uid != 0 && suid {
         clear_suid(&fd, st.st_mode)?;
@@ -116,6 +131,7 @@ pub fn open(u: &Union, ctx: &Ctx, node: &Node, flags: i32) -> io::Result<OpenFil
         ino: node.ino,
         fd,
         append: flags & libc::O_APPEND != 0,
+        exec: false,
         maybe_suid: AtomicBool::new(suid),
     })
 }

@@ -1,6 +1,7 @@
 //! The fuser `Filesystem` implementation: translates each FUSE request into a
 //! call on the union and the reply. No overlay logic lives here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::AsFd;
@@ -15,6 +16,7 @@ use fuser::{
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use parking_lot::Mutex;
 use tracing::info;
 
 use crate::attrs::{self, SetAttr};
@@ -30,10 +32,17 @@ use crate::union::{Ctx, Union};
 /// bounds how long an outside change to the upper (not supported) could show.
 const TTL: Duration = Duration::from_secs(1);
 
+/// `__FMODE_EXEC`: the kernel opens a file with this flag to execute it.
+const FMODE_EXEC: i32 = 0x20;
+
 pub struct LayerFs {
     pub union: Arc<Union>,
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
+    /// Files open for execution, by inode: O_TRUNC on them is ETXTBSY. The
+    /// kernel checks write opens itself but with atomic O_TRUNC it truncates
+    /// (through us) before checking, so we must refuse first.
+    executing: Mutex<HashMap<u64, u32>>,
 }
 
 impl LayerFs {
@@ -42,6 +51,7 @@ impl LayerFs {
             union,
             files: Handles::default(),
             dirs: Handles::default(),
+            executing: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -165,7 +175,16 @@ impl Filesystem for LayerFs {
                 }
             }
             let node = self.union.node(ino.0)?;
-            self.union.stat_node(&node)
+            match self.union.stat_node(&node) {
+                // Unlinked but still open (fstat comes without a handle): ask an open descriptor.
+                Err(e) if node.state.read().unlinked => {
+                    let f = self.files.find(|f| f.ino == ino.0).ok_or(e)?;
+                    let mut st = sys::fstat(f.fd.as_fd())?;
+                    st.st_ino = ino.0;
+                    Ok(st)
+                }
+                r => r,
+            }
         })();
         match r {
             Ok(st) => reply.attr(&TTL, &to_attr(&st)),
@@ -347,12 +366,20 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let exec = flags.0 & FMODE_EXEC != 0;
         let r = (|| {
             let node = self.union.node(ino.0)?;
+            if flags.0 & libc::O_TRUNC != 0 && self.executing.lock().contains_key(&ino.0) {
+                return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+            }
             files::open(&self.union, &ctx(req), &node, flags.0)
         })();
         match r {
-            Ok(f) => {
+            Ok(mut f) => {
+                if exec {
+                    f.exec = true;
+                    *self.executing.lock().entry(ino.0).or_insert(0) += 1;
+                }
                 let direct = flags.0 & libc::O_DIRECT != 0;
                 let fh = self.files.insert(f);
                 let fl = if direct {
@@ -433,7 +460,17 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.files.remove(fh.0);
+        if let Some(f) = self.files.remove(fh.0) {
+            if f.exec {
+                let mut ex = self.executing.lock();
+                if let Some(c) = ex.get_mut(&f.ino) {
+                    *c -= 1;
+                    if *c == 0 {
+                        ex.remove(&f.ino);
+                    }
+                }
+            }
+        }
         reply.ok();
     }
 
@@ -629,6 +666,7 @@ impl Filesystem for LayerFs {
                     ino: node.ino,
                     fd,
                     append: flags & libc::O_APPEND != 0,
+                    exec: false,
                     maybe_suid: (st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0).into(),
                 });
                 let fl = if flags & libc::O_DIRECT != 0 {

@@ -48,7 +48,16 @@ fn make(dir: BorrowedFd<'_>, name: &OsStr, obj: &NewObject<'_>) -> io::Result<Op
             sys::openat(dir, name, fl, mode & 0o7777).map(Some)
         }
         NewObject::Dir { mode } => sys::mkdirat(dir, name, mode & 0o7777).map(|_| None),
-        NewObject::Node { mode, rdev } => sys::mknodat(dir, name, *mode, *rdev).map(|_| None),
+        NewObject::Node { mode, rdev } => {
+            sys::mknodat(dir, name, *mode, *rdev)?;
+            if *mode & libc::S_IFMT == libc::S_IFCHR && *rdev == 0 {
+                if let Err(e) = whiteout::mark_chardev(dir, name) {
+                    let _ = sys::unlinkat(dir, name, false);
+                    return Err(e);
+                }
+            }
+            Ok(None)
+        }
         NewObject::Symlink { target } => sys::symlinkat(target, dir, name).map(|_| None),
     }
 }
@@ -108,7 +117,7 @@ pub fn create(
     copy_up(u, &pnode, true)?;
     let pfd = u.upper_dir_fd(&pnode)?;
     let over_whiteout = match sys::fstatat(pfd.as_fd(), name) {
-        Ok(st) if whiteout::is_whiteout(&st) => true,
+        Ok(st) if whiteout::is_whiteout(pfd.as_fd(), name, &st) => true,
         Ok(_) => return Err(errno(libc::EEXIST)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
         Err(e) => return Err(e),
@@ -246,7 +255,7 @@ fn remove(u: &Union, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
         let pfd = u.upper_dir_fd(&pnode)?;
         let pst = pnode.state.read().clone();
         let upper_here = match sys::fstatat(pfd.as_fd(), name) {
-            Ok(st) => !whiteout::is_whiteout(&st),
+            Ok(st) => !whiteout::is_whiteout(pfd.as_fd(), name, &st),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
             Err(e) => return Err(e),
         };
@@ -302,7 +311,7 @@ pub fn link(
     copy_up(u, &pnode, true)?;
     let src = u.loc(&node)?;
     let pfd = u.upper_dir_fd(&pnode)?;
-    let over_whiteout = matches!(sys::fstatat(pfd.as_fd(), newname), Ok(st) if whiteout::is_whiteout(&st));
+    let over_whiteout = matches!(sys::fstatat(pfd.as_fd(), newname), Ok(st) if whiteout::is_whiteout(pfd.as_fd(), newname, &st));
     if over_whiteout {
         let work = u.layers.work()?;
         let tmp = u.tmp_name();
@@ -473,7 +482,7 @@ fn rename_nodes(
         // What sits in the upper at the target: a whiteout or an empty merged
         // directory's leftovers must go first (rename cannot replace them).
         match sys::fstatat(pfd2.as_fd(), newname) {
-            Ok(st) if whiteout::is_whiteout(&st) && src.is_dir() => {
+            Ok(st) if whiteout::is_whiteout(pfd2.as_fd(), newname, &st) && src.is_dir() => {
                 // Swap the directory in, then drop the whiteout that was swapped out.
                 sys::renameat2(pfd1.as_fd(), name, pfd2.as_fd(), newname, sys::RENAME_EXCHANGE)?;
                 if src_lower_here {
@@ -559,7 +568,7 @@ fn clear_whiteouts(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     for e in sys::read_dir_all(sub.as_fd())? {
         let n = OsStr::from_bytes(&e.name);
         let st = sys::fstatat(sub.as_fd(), n)?;
-        if whiteout::is_whiteout(&st) {
+        if whiteout::is_whiteout(sub.as_fd(), n, &st) {
             sys::unlinkat(sub.as_fd(), n, false)?;
         } else {
             return Err(errno(libc::ENOTEMPTY));

@@ -231,7 +231,7 @@ impl Union {
             let pfd = self.upper_dir_fd(dir)?;
             match sys::fstatat(pfd.as_fd(), name) {
                 Ok(st) => {
-                    if whiteout::is_whiteout(&st) {
+                    if whiteout::is_whiteout(pfd.as_fd(), name, &st) {
                         return Ok(None);
                     }
                     if fmt_of(&st) == libc::S_IFDIR {
@@ -312,7 +312,7 @@ impl Union {
                 Err(e) if not_found(&e) => continue,
                 Err(e) => return Err(e),
             };
-            if whiteout::is_whiteout(&st) {
+            if whiteout::is_whiteout(dfd.as_fd(), OsStr::from_bytes(base), &st) {
                 break;
             }
             if fmt_of(&st) != libc::S_IFDIR {
@@ -389,7 +389,7 @@ impl Union {
                 Err(e) => return Err(e),
             };
             match sys::fstatat(dfd.as_fd(), name) {
-                Ok(st) => return Ok(!whiteout::is_whiteout(&st)),
+                Ok(st) => return Ok(!whiteout::is_whiteout(dfd.as_fd(), name, &st)),
                 Err(e) if not_found(&e) => continue,
                 Err(e) => return Err(e),
             }

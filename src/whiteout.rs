@@ -31,8 +31,22 @@ pub fn is_private_xattr(name: &[u8]) -> bool {
     name.starts_with(b"trusted.overlay.") || name.starts_with(b"trusted.layerfs.")
 }
 
-pub fn is_whiteout(st: &sys::Stat) -> bool {
+/// Marks a real character device 0/0 (which would otherwise read as a
+/// whiteout). Kernel overlayfs cannot show such a device at all and treats
+/// it as a whiteout; layerfs keeps it as the device the user created.
+pub const XATTR_CHARDEV: &[u8] = b"trusted.layerfs.chardev";
+
+/// Is `name` in `dir` (with stat `st`) a whiteout? One getxattr, only for 0/0 devices.
+pub fn is_whiteout(dir: BorrowedFd<'_>, name: &OsStr, st: &sys::Stat) -> bool {
+    looks_like_whiteout(st) && sys::lgetxattr(dir, Some(name), XATTR_CHARDEV).is_err()
+}
+
+pub fn looks_like_whiteout(st: &sys::Stat) -> bool {
     (st.st_mode & libc::S_IFMT) == libc::S_IFCHR && st.st_rdev == 0
+}
+
+pub fn mark_chardev(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    sys::lsetxattr(dir, Some(name), XATTR_CHARDEV, b"y", 0)
 }
 
 pub fn make_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
