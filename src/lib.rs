@@ -2,6 +2,7 @@
 //! writable overlay. See docs/ARCHITECTURE.md for the map of modules.
 
 pub mod attrs;
+pub mod cli;
 pub mod copyup;
 pub mod dirmerge;
 pub mod files;
