@@ -92,7 +92,7 @@ fn wants_write(flags: i32) -> bool {
 /// Flags for the descriptor on the layer: the caller's, minus what the union
 /// handles itself. O_DIRECT is dropped (FUSE buffers are not aligned; the
 /// handle is opened with FOPEN_DIRECT_IO instead, so the page cache is still bypassed).
-fn backing_flags(flags: i32) -> i32 {
+pub fn backing_flags(flags: i32) -> i32 {
     (flags
         & !(libc::O_CREAT
             | libc::O_EXCL

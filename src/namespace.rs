@@ -41,10 +41,7 @@ impl NewObject<'_> {
 fn make(dir: BorrowedFd<'_>, name: &OsStr, obj: &NewObject<'_>) -> io::Result<Option<OwnedFd>> {
     match obj {
         NewObject::File { mode, flags } => {
-            let fl = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC))
-                | libc::O_CREAT
-                | libc::O_EXCL
-                | libc::O_NOFOLLOW;
+            let fl = crate::files::backing_flags(*flags) | libc::O_CREAT | libc::O_EXCL;
             sys::openat(dir, name, fl, mode & 0o7777).map(Some)
         }
         NewObject::Dir { mode } => sys::mkdirat(dir, name, mode & 0o7777).map(|_| None),

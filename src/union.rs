@@ -181,6 +181,9 @@ impl Union {
     /// Directory descriptor + name of the topmost object of `node`.
     pub fn loc(&self, node: &Node) -> io::Result<Loc> {
         let st = node.state.read().clone();
+        if st.unlinked {
+            return Err(errno(libc::ENOENT));
+        }
         if node.is_dir() {
             let dir = if st.upper {
                 self.upper_dir_fd(node)?
