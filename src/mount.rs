@@ -25,13 +25,16 @@ pub struct MountRequest {
 /// Everything that can be checked before forking, with messages an operator can act on.
 fn preflight(req: &MountRequest) -> Result<()> {
     let mp = &req.mountpoint;
-    match sys::stat_errno(mp) {
-        Some(libc::ENOTCONN) => {
-            // A previous daemon died (kill -9, crash): its mount is dead. Clear it.
-            warn!(mountpoint = %mp.display(), "clearing a dead FUSE mount left by a previous daemon");
-            sys::umount_detach(mp)
-                .with_context(|| format!("cannot clear the dead mount at {}", mp.display()))?;
-        }
+    // A previous daemon that died (kill -9, crash) leaves a dead mount
+    // (ENOTCONN): clear it, and any stacked below it.
+    let mut cleared = 0;
+    while sys::statfs_errno(mp) == Some(libc::ENOTCONN) && cleared < 16 {
+        warn!(mountpoint = %mp.display(), "clearing a dead FUSE mount left by a previous daemon");
+        sys::umount_detach(mp)
+            .with_context(|| format!("cannot clear the dead mount at {}", mp.display()))?;
+        cleared += 1;
+    }
+    match sys::statfs_errno(mp) {
         Some(libc::ENOENT) => bail!("mount point '{}' does not exist", mp.display()),
         Some(e) => bail!(
             "cannot use mount point '{}': {}",
@@ -68,7 +71,9 @@ fn preflight(req: &MountRequest) -> Result<()> {
 fn fuse_config(opts: &MountOptions, read_only: bool) -> Config {
     let mut mo = vec![
         MountOption::FSName(opts.fsname.clone().unwrap_or_else(|| "layerfs".into())),
-        MountOption::Subtype("layerfs".into()),
+        // As a kernel option (fuser sends Subtype only to fusermount), so
+        // /proc/mounts says fuse.layerfs whichever way it was mounted.
+        MountOption::CUSTOM("subtype=layerfs".into()),
         MountOption::DefaultPermissions,
     ];
     let f = &opts.flags;
@@ -205,8 +210,10 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
             }
         })?;
     if ready.is_some() {
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            // Daemon mode from a shell: do not write logs over the user's terminal.
+        // Daemon mode: let go of the caller's terminal and pipes (mount(8)
+        // and scripts wait for them to close). Under systemd, stderr is the
+        // journal and stays.
+        if std::env::var_os("JOURNAL_STREAM").is_none() {
             let _ = sys::redirect_stdio_to_null();
         }
         report(&mut ready, "ok");

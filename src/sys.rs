@@ -691,7 +691,17 @@ pub fn wait_signal() -> i32 {
     sig
 }
 
-/// errno of stat(path), if it fails (used to spot a dead FUSE mount: ENOTCONN).
-pub fn stat_errno(path: &std::path::Path) -> Option<i32> {
-    std::fs::metadata(path).err().and_then(|e| e.raw_os_error())
+/// errno of statfs(path), if it fails. statfs always reaches the filesystem
+/// (stat may be answered from the attribute cache), so a dead FUSE mount
+/// reliably answers ENOTCONN here.
+pub fn statfs_errno(path: &std::path::Path) -> Option<i32> {
+    let c = cstr(path.as_os_str()).ok()?;
+    let mut st = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: valid C string and out pointer.
+    let r = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r < 0 {
+        io::Error::last_os_error().raw_os_error()
+    } else {
+        None
+    }
 }

@@ -92,7 +92,8 @@ impl Fixture {
             .expect("spawn layerfs");
         self.child = Some(child);
         self.kernel = false;
-        wait_for(|| is_mounted(&self.mnt), "layerfs mount");
+        // Mounted and answering (a dead mount left by a killed daemon is listed but fails stat).
+        wait_for(|| is_mounted(&self.mnt) && statfs_ok(&self.mnt), "layerfs mount");
     }
 
     pub fn mount_kernel(&mut self) {
@@ -162,6 +163,15 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         self.unmount();
     }
+}
+
+/// statfs always reaches the daemon (stat may come from the attribute cache).
+pub fn statfs_ok(p: &Path) -> bool {
+    let c = cstr(p);
+    // SAFETY: zeroed statfs is a valid out buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 }
 }
 
 pub fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
