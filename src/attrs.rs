@@ -69,7 +69,12 @@ pub fn setattr(
         if node.fmt == libc::S_IFLNK {
             return Err(errno(libc::EOPNOTSUPP));
         }
-        let fd = sys::openat(loc.dir.as_fd(), &loc.name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let fd = sys::openat(
+            loc.dir.as_fd(),
+            &loc.name,
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        )?;
         sys::chmod_fd(fd.as_fd(), mode & 0o7777)?;
     }
     if a.atime.is_some() || a.mtime.is_some() {

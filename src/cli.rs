@@ -50,4 +50,3 @@ pub struct Args {
     #[arg(value_name = "MOUNTPOINT", num_args = 1..=2, required = true)]
     pub paths: Vec<PathBuf>,
 }
-

@@ -122,7 +122,9 @@ fn build_copy(
                     libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME,
                     0,
                 )
-                .or_else(|_| sys::openat(src_dir, src_name, libc::O_RDONLY | libc::O_NOFOLLOW, 0))?;
+                .or_else(|_| {
+                    sys::openat(src_dir, src_name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                })?;
                 copy_data(src.as_fd(), dst.as_fd(), sst.st_size as u64)?;
                 sys::fsync(dst.as_fd(), false)?;
             }
@@ -215,7 +217,12 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> io::Res
     sys::ftruncate(dst, size)
 }
 
-fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, mut off: u64, mut len: u64) -> io::Result<()> {
+fn copy_range(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    mut off: u64,
+    mut len: u64,
+) -> io::Result<()> {
     let mut use_cfr = true;
     let mut buf = Vec::new();
     while len > 0 {

@@ -118,7 +118,12 @@ pub fn open(u: &Union, ctx: &Ctx, node: &Node, flags: i32) -> io::Result<OpenFil
     if trunc && st.st_size != 0 {
         if flags & libc::O_ACCMODE == libc::O_RDONLY {
             // O_RDONLY|O_TRUNC truncates on Linux; that needs a writable descriptor.
-            let w = sys::openat(loc.dir.as_fd(), &loc.name, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
+            let w = sys::openat(
+                loc.dir.as_fd(),
+                &loc.name,
+                libc::O_WRONLY | libc::O_NOFOLLOW,
+                0,
+            )?;
             sys::ftruncate(w.as_fd(), 0)?;
         } else {
             sys::ftruncate(fd.as_fd(), 0)?;

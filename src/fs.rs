@@ -729,4 +729,3 @@ fn xattr_reply(reply: ReplyXattr, r: io::Result<Vec<u8>>, size: u32) {
         Err(e) => reply.error(err(e)),
     }
 }
-

@@ -161,7 +161,10 @@ impl InodeTable {
         }
         let mut shard = self.shard(ino).lock();
         if let Some(node) = shard.get(&ino) {
-            let prev = node.lookups.fetch_sub(n.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
+            let prev = node.lookups.fetch_sub(
+                n.min(node.lookups.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
             if prev <= n {
                 shard.remove(&ino);
             }

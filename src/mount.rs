@@ -148,7 +148,9 @@ pub fn run(req: MountRequest) -> Result<()> {
             if msg == "ok" {
                 Ok(())
             } else if msg.is_empty() {
-                Err(anyhow!("the layerfs daemon exited before the mount was ready"))
+                Err(anyhow!(
+                    "the layerfs daemon exited before the mount was ready"
+                ))
             } else {
                 Err(anyhow!("{msg}"))
             }

@@ -4,7 +4,7 @@
 //! made with a single rename (`RENAME_WHITEOUT`, `RENAME_EXCHANGE`, or an
 //! object built in workdir and renamed over the whiteout).
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::copyup::{copy_up, mark_impure};
 use crate::dirmerge;
-use crate::inode::{make_ino, LowerRef, Node, NodeState};
+use crate::inode::{make_ino, Node, NodeState};
 use crate::layers::remove_tree;
 use crate::sys::{self, Stat};
 use crate::union::{errno, fmt_of, Ctx, Union};
@@ -63,7 +63,12 @@ fn make(dir: BorrowedFd<'_>, name: &OsStr, obj: &NewObject<'_>) -> io::Result<Op
 /// fsgid (so setgid directories work as usual); set the uid, and put back
 /// setuid/setgid bits that chown cleared, stripping setgid where the caller
 /// is not in the file's group (as the kernel does).
-fn give_to_caller(dir: BorrowedFd<'_>, name: &OsStr, obj: &NewObject<'_>, ctx: &Ctx) -> io::Result<()> {
+fn give_to_caller(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    obj: &NewObject<'_>,
+    ctx: &Ctx,
+) -> io::Result<()> {
     if ctx.uid == 0 {
         return Ok(());
     }
@@ -288,12 +293,7 @@ fn drop_name(node: &Node, parent: u64, name: &OsStr) {
     }
 }
 
-pub fn link(
-    u: &Union,
-    ino: u64,
-    newparent: u64,
-    newname: &OsStr,
-) -> io::Result<(Arc<Node>, Stat)> {
+pub fn link(u: &Union, ino: u64, newparent: u64, newname: &OsStr) -> io::Result<(Arc<Node>, Stat)> {
     u.check_writable()?;
     sys::check_name(newname)?;
     let node = u.node(ino)?;
@@ -391,7 +391,15 @@ pub fn rename(
         }
     };
     let result = rename_nodes(
-        u, &p1, name, &p2, newname, &src, dst.as_deref(), flags, exchange,
+        u,
+        &p1,
+        name,
+        &p2,
+        newname,
+        &src,
+        dst.as_deref(),
+        flags,
+        exchange,
     );
     u.inodes.forget(src.ino, 1);
     if let Some(d) = &dst {
@@ -423,9 +431,7 @@ fn rename_nodes(
             match (src.is_dir(), d.is_dir()) {
                 (true, false) => return Err(errno(libc::ENOTDIR)),
                 (false, true) => return Err(errno(libc::EISDIR)),
-                (true, true) if !dirmerge::is_empty(u, d)? => {
-                    return Err(errno(libc::ENOTEMPTY))
-                }
+                (true, true) if !dirmerge::is_empty(u, d)? => return Err(errno(libc::ENOTEMPTY)),
                 _ => {}
             }
         }
@@ -468,7 +474,13 @@ fn rename_nodes(
         if d.is_dir() {
             mark_moved_dir(d, pfd2.as_fd(), newname, src_lower_here)?;
         }
-        sys::renameat2(pfd1.as_fd(), name, pfd2.as_fd(), newname, sys::RENAME_EXCHANGE)?;
+        sys::renameat2(
+            pfd1.as_fd(),
+            name,
+            pfd2.as_fd(),
+            newname,
+            sys::RENAME_EXCHANGE,
+        )?;
         mark_impure(u, p1)?;
         mark_impure(u, p2)?;
         set_name(d, p2.ino, newname, p1.ino, name);
@@ -481,7 +493,13 @@ fn rename_nodes(
         match sys::fstatat(pfd2.as_fd(), newname) {
             Ok(st) if whiteout::is_whiteout(pfd2.as_fd(), newname, &st) && src.is_dir() => {
                 // Swap the directory in, then drop the whiteout that was swapped out.
-                sys::renameat2(pfd1.as_fd(), name, pfd2.as_fd(), newname, sys::RENAME_EXCHANGE)?;
+                sys::renameat2(
+                    pfd1.as_fd(),
+                    name,
+                    pfd2.as_fd(),
+                    newname,
+                    sys::RENAME_EXCHANGE,
+                )?;
                 if src_lower_here {
                     // The old name keeps hiding the lower object: the whiteout is already there.
                 } else {
@@ -572,13 +590,4 @@ fn clear_whiteouts(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Lower reference helper for tests and the checkpoint code.
-pub fn lower_of(node: &Node) -> Option<LowerRef> {
-    node.state.read().lower.clone()
-}
-
-pub fn name_of(node: &Node) -> OsString {
-    node.state.read().name.clone()
 }

@@ -204,11 +204,31 @@ impl MountOptions {
                     "async" => flags.sync = false,
                     "dirsync" => flags.dirsync = true,
                     // Accepted and meaningless for a FUSE mount, or always on here.
-                    "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "diratime"
-                    | "nodiratime" | "lazytime" | "nolazytime" | "defaults" | "auto"
-                    | "noauto" | "user" | "nouser" | "users" | "owner" | "group" | "_netdev"
-                    | "nofail" | "allow_other" | "default_permissions" | "auto_unmount"
-                    | "silent" | "loud" | "iversion" | "noiversion" => {}
+                    "relatime"
+                    | "norelatime"
+                    | "strictatime"
+                    | "nostrictatime"
+                    | "diratime"
+                    | "nodiratime"
+                    | "lazytime"
+                    | "nolazytime"
+                    | "defaults"
+                    | "auto"
+                    | "noauto"
+                    | "user"
+                    | "nouser"
+                    | "users"
+                    | "owner"
+                    | "group"
+                    | "_netdev"
+                    | "nofail"
+                    | "allow_other"
+                    | "default_permissions"
+                    | "auto_unmount"
+                    | "silent"
+                    | "loud"
+                    | "iversion"
+                    | "noiversion" => {}
                     n if n.starts_with("x-") || n == "comment" || n == "subtype" => {}
                     // Kernel overlayfs options, so an fstab line for overlay works unchanged.
                     // layerfs always behaves as redirect_dir=on and keeps inode numbers stable.
@@ -300,12 +320,18 @@ mod tests {
             MountOptions::parse(&["lowerdir=/a,bogus"]),
             Err(OptionError::Unknown("bogus".into()))
         );
-        assert_eq!(MountOptions::parse(&["upperdir=/u"]), Err(OptionError::NoLower));
+        assert_eq!(
+            MountOptions::parse(&["upperdir=/u"]),
+            Err(OptionError::NoLower)
+        );
         assert_eq!(
             MountOptions::parse(&["lowerdir=/a,upperdir=/u"]),
             Err(OptionError::UpperWithoutWork)
         );
-        assert_eq!(MountOptions::parse(&["lowerdir=/a::/b"]), Err(OptionError::EmptyLayer));
+        assert_eq!(
+            MountOptions::parse(&["lowerdir=/a::/b"]),
+            Err(OptionError::EmptyLayer)
+        );
         assert_eq!(
             MountOptions::parse(&["lowerdir="]),
             Err(OptionError::MissingValue("lowerdir".into()))

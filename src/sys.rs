@@ -4,7 +4,7 @@
 //! components (never paths with `/`), so callers cannot accidentally follow a
 //! symlink or `..` out of a layer. Each returns `io::Result`.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CString, OsStr};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -261,7 +261,12 @@ pub enum TimeSpec {
 }
 
 /// Set access and modification times of `name` in `dir` (never following a final symlink).
-pub fn utimensat(dir: BorrowedFd<'_>, name: &OsStr, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
+pub fn utimensat(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    atime: TimeSpec,
+    mtime: TimeSpec,
+) -> io::Result<()> {
     fn ts(t: TimeSpec) -> libc::timespec {
         match t {
             TimeSpec::Omit => libc::timespec {
@@ -331,12 +336,7 @@ pub fn lgetxattr(dir: BorrowedFd<'_>, name: Option<&OsStr>, attr: &[u8]) -> io::
     loop {
         // SAFETY: zero-size query, then a buffer of the returned size.
         let n = check_ssize(unsafe {
-            libc::lgetxattr(
-                p.as_ptr(),
-                a.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
+            libc::lgetxattr(p.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
         });
         match n {
             Ok(n) if buf.is_empty() && n > 0 => buf.resize(n, 0),
@@ -447,7 +447,10 @@ pub fn read_dir_all(dir: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
             let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
             let dtype = rec[18];
             let name_bytes = &rec[19..reclen];
-            let nlen = name_bytes.iter().position(|b| *b == 0).unwrap_or(name_bytes.len());
+            let nlen = name_bytes
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(name_bytes.len());
             let name = &name_bytes[..nlen];
             if name != b"." && name != b".." {
                 out.push(DirEntry {
@@ -533,9 +536,7 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> 
 
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
     // SAFETY: buf is readable for its length.
-    check_ssize(unsafe {
-        libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64)
-    })
+    check_ssize(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64) })
 }
 
 /// `write` at the current offset (for O_APPEND descriptors, where the kernel picks the offset).
@@ -550,14 +551,6 @@ pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
     check(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
     // SAFETY: filled by the kernel.
     Ok(unsafe { st.assume_init() })
-}
-
-pub fn fstatfs_type(fd: BorrowedFd<'_>) -> io::Result<i64> {
-    let mut st = MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: valid out pointer.
-    check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: filled by the kernel.
-    Ok(unsafe { st.assume_init() }.f_type as i64)
 }
 
 /// Give the calling thread its own umask and cwd (so one request's umask
@@ -579,7 +572,11 @@ pub fn process_groups(pid: u32) -> Vec<u32> {
     };
     s.lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -646,14 +643,6 @@ pub fn major(dev: u64) -> u32 {
 
 pub fn minor(dev: u64) -> u32 {
     libc::minor(dev)
-}
-
-pub fn errno_name(e: &io::Error) -> String {
-    e.to_string()
-}
-
-pub fn cstr_to_os(c: &CStr) -> &OsStr {
-    OsStr::from_bytes(c.to_bytes())
 }
 
 /// Block SIGTERM, SIGINT and SIGHUP in this thread and every thread started

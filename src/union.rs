@@ -221,12 +221,7 @@ impl Union {
     }
 
     /// Look `name` up in directory `parent` across all layers.
-    pub fn probe(
-        &self,
-        dir: &Node,
-        parent: &NodeState,
-        name: &OsStr,
-    ) -> io::Result<Option<Probe>> {
+    pub fn probe(&self, dir: &Node, parent: &NodeState, name: &OsStr) -> io::Result<Option<Probe>> {
         let mut upper_st: Option<Stat> = None;
         let mut marks = whiteout::DirMarks::default();
         let mut origin = None;
@@ -324,9 +319,7 @@ impl Union {
                 }
                 break;
             }
-            if upper_st.is_none() && lower_dirs.is_empty() {
-                first_lower_st = Some(st);
-            } else if first_lower_st.is_none() {
+            if first_lower_st.is_none() {
                 first_lower_st = Some(st);
             }
             let opaque = whiteout::read_dir_marks(dfd.as_fd(), Some(OsStr::from_bytes(base)))
@@ -413,7 +406,9 @@ impl Union {
         if !pnode.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
-        let p = self.probe_in(&pnode, name)?.ok_or_else(|| errno(libc::ENOENT))?;
+        let p = self
+            .probe_in(&pnode, name)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
         let node = self.inodes.lookup_or_insert(
             p.ino,
             p.fmt,

@@ -15,7 +15,6 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::os::unix::ffi::OsStrExt;
 
 use crate::sys;
 
@@ -125,7 +124,11 @@ pub fn set_impure(dir: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Write an absolute redirect (the form kernel overlayfs accepts from any parent).
-pub fn set_redirect(dir: BorrowedFd<'_>, name: Option<&OsStr>, lower_path: &[u8]) -> io::Result<()> {
+pub fn set_redirect(
+    dir: BorrowedFd<'_>,
+    name: Option<&OsStr>,
+    lower_path: &[u8],
+) -> io::Result<()> {
     let mut v = Vec::with_capacity(lower_path.len() + 1);
     v.push(b'/');
     v.extend_from_slice(lower_path);
@@ -162,10 +165,6 @@ pub fn read_origin(dir: BorrowedFd<'_>, name: &OsStr) -> Option<u64> {
 
 pub fn set_origin(dir: BorrowedFd<'_>, name: &OsStr, ino: u64) -> io::Result<()> {
     sys::lsetxattr(dir, Some(name), XATTR_ORIGIN, &encode_origin(ino), 0)
-}
-
-pub fn name_bytes(n: &OsStr) -> &[u8] {
-    n.as_bytes()
 }
 
 #[cfg(test)]

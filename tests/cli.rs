@@ -39,11 +39,20 @@ fn clear_errors_and_nonzero_exit() {
     let up = f.upper.to_str().unwrap();
     let wk = f.work.to_str().unwrap();
     let cases: Vec<(String, &str)> = vec![
-        (format!("lowerdir={l1},bogus=1"), "unknown mount option 'bogus=1'"),
+        (
+            format!("lowerdir={l1},bogus=1"),
+            "unknown mount option 'bogus=1'",
+        ),
         ("upperdir=/x,workdir=/y".to_string(), "missing 'lowerdir='"),
-        (format!("lowerdir={l1},upperdir={up}"), "'workdir=' is required"),
+        (
+            format!("lowerdir={l1},upperdir={up}"),
+            "'workdir=' is required",
+        ),
         ("lowerdir=/does/not/exist".to_string(), "does not exist"),
-        (format!("lowerdir={}", f.root.join("afile").display()), "is not a directory"),
+        (
+            format!("lowerdir={}", f.root.join("afile").display()),
+            "is not a directory",
+        ),
         (
             format!("lowerdir={l1},upperdir={up},workdir={up}/w"),
             "inside upperdir",
@@ -55,17 +64,26 @@ fn clear_errors_and_nonzero_exit() {
     for (opts, want) in cases {
         let (code, err) = layerfs(&["-o", &opts, &m]);
         assert_ne!(code, 0, "{opts} succeeded");
-        assert!(err.contains(want), "for {opts}: expected '{want}' in: {err}");
+        assert!(
+            err.contains(want),
+            "for {opts}: expected '{want}' in: {err}"
+        );
         assert!(!is_mounted(&f.mnt));
     }
     let (code, err) = layerfs(&["-o", &format!("lowerdir={l1}"), "/no/such/mountpoint"]);
     assert_ne!(code, 0);
-    assert!(err.contains("mount point '/no/such/mountpoint' does not exist"), "{err}");
+    assert!(
+        err.contains("mount point '/no/such/mountpoint' does not exist"),
+        "{err}"
+    );
     // Upper and work on different filesystems.
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let (code, err) = layerfs(&[
         "-o",
-        &format!("lowerdir={l1},upperdir={up},workdir={}", shm.path().display()),
+        &format!(
+            "lowerdir={l1},upperdir={up},workdir={}",
+            shm.path().display()
+        ),
         &m,
     ]);
     assert_ne!(code, 0);
@@ -133,14 +151,21 @@ fn mount_helper_fstab_and_generic_options() {
     assert_eq!(read(f.m("x")), "x");
     let line = sh(&format!("grep ' {} ' /proc/mounts", f.mnt.display()));
     assert!(line.contains("fuse.layerfs"), "{line}");
-    assert!(line.contains("nosuid") && line.contains("nodev") && line.contains("noexec"), "{line}");
+    assert!(
+        line.contains("nosuid") && line.contains("nodev") && line.contains("noexec"),
+        "{line}"
+    );
     sh(&format!("umount {}", f.mnt.display()));
     wait_for(|| !is_mounted(&f.mnt), "unmount");
     // The same through an fstab entry.
     let fstab = f.root.join("fstab");
     fs::write(
         &fstab,
-        format!("layerfs {} fuse.layerfs {},ro 0 0\n", f.mnt.display(), f.opts()),
+        format!(
+            "layerfs {} fuse.layerfs {},ro 0 0\n",
+            f.mnt.display(),
+            f.opts()
+        ),
     )
     .unwrap();
     sh(&format!("mount -T {} {}", fstab.display(), f.mnt.display()));

@@ -43,13 +43,19 @@ fn created_objects_belong_to_the_caller() {
     assert_eq!((file.uid(), file.gid()), (NOBODY, NOGROUP));
     assert_eq!(file.mode() & 0o777, 0o640, "umask not applied");
     let dir = fs::metadata(f.m("pub/dir")).unwrap();
-    assert_eq!((dir.uid(), dir.gid(), dir.mode() & 0o777), (NOBODY, NOGROUP, 0o750));
+    assert_eq!(
+        (dir.uid(), dir.gid(), dir.mode() & 0o777),
+        (NOBODY, NOGROUP, 0o750)
+    );
     assert_eq!(fs::symlink_metadata(f.m("pub/lnk")).unwrap().uid(), NOBODY);
     let inh = fs::metadata(f.m("sgid/inherit")).unwrap();
     assert_eq!(inh.gid(), 4242, "setgid directory group not inherited");
     let sub = fs::metadata(f.m("sgid/subdir")).unwrap();
     assert_eq!(sub.gid(), 4242);
-    assert!(sub.mode() & 0o2000 != 0, "setgid bit not inherited by subdirectory");
+    assert!(
+        sub.mode() & 0o2000 != 0,
+        "setgid bit not inherited by subdirectory"
+    );
 }
 
 #[test]

@@ -186,7 +186,10 @@ fn copy_up_keeps_data_holes_metadata_xattrs_acls() {
     assert!(lgetxattr(&p, "user.new").is_none());
     assert_eq!(ino(f.m("dir/sparse")), ino_before);
     // Private overlay attributes are invisible.
-    let list = sh(&format!("getfattr -d -m - {} 2>/dev/null || true", f.m("dir/sparse").display()));
+    let list = sh(&format!(
+        "getfattr -d -m - {} 2>/dev/null || true",
+        f.m("dir/sparse").display()
+    ));
     assert!(!list.contains("layerfs"), "private xattr visible: {list}");
 }
 
@@ -199,7 +202,10 @@ fn every_change_copies_up() {
     f.mount();
     fs::set_permissions(f.m("chmod"), fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::chown(f.m("chown"), Some(7), None).unwrap();
-    sh(&format!("touch -d '2010-01-01' {}", f.m("utimes").display()));
+    sh(&format!(
+        "touch -d '2010-01-01' {}",
+        f.m("utimes").display()
+    ));
     OpenOptions::new()
         .write(true)
         .truncate(true)
@@ -213,7 +219,9 @@ fn every_change_copies_up() {
         .unwrap()
         .write_all(b"D")
         .unwrap();
-    for n in ["chmod", "chown", "utimes", "trunc", "setx", "link", "link2", "wr"] {
+    for n in [
+        "chmod", "chown", "utimes", "trunc", "setx", "link", "link2", "wr",
+    ] {
         assert!(f.u(n).exists(), "{n} not copied up");
     }
     assert_eq!(read(f.u("trunc")), "");
@@ -251,7 +259,10 @@ fn whiteouts_opaque_dirs_and_rmdir() {
     // A directory made where a lower one was deleted is opaque.
     fs::create_dir(f.m("dir")).unwrap();
     assert!(names(f.m("dir")).is_empty());
-    assert_eq!(lgetxattr(&f.u("dir"), "trusted.overlay.opaque").unwrap(), b"y");
+    assert_eq!(
+        lgetxattr(&f.u("dir"), "trusted.overlay.opaque").unwrap(),
+        b"y"
+    );
     // A file made over a whiteout replaces it.
     write(f.m("file"), "new");
     assert_eq!(read(f.m("file")), "new");
@@ -289,13 +300,28 @@ fn rename_files_and_lower_directories() {
     let old = cstr(&f.m("dst/old"));
     // SAFETY: valid C strings.
     let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, g.as_ptr(), libc::AT_FDCWD, old.as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            g.as_ptr(),
+            libc::AT_FDCWD,
+            old.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
     assert_eq!(r, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EEXIST));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EEXIST)
+    );
     // SAFETY: valid C strings.
     let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, g.as_ptr(), libc::AT_FDCWD, old.as_ptr(), libc::RENAME_EXCHANGE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            g.as_ptr(),
+            libc::AT_FDCWD,
+            old.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
     };
     assert_eq!(r, 0);
     assert_eq!(read(f.m("g")), "f");
@@ -372,15 +398,30 @@ fn special_files_and_names() {
     sh(&format!("mknod {} c 1 3", f.l1.join("null").display()));
     f.mount();
     assert_eq!(fs::read_link(f.m("lnk")).unwrap().to_str(), Some("target"));
-    assert!(fs::symlink_metadata(f.m("fifo")).unwrap().file_type().is_fifo());
-    assert!(fs::symlink_metadata(f.m("null")).unwrap().file_type().is_char_device());
+    assert!(fs::symlink_metadata(f.m("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(fs::symlink_metadata(f.m("null"))
+        .unwrap()
+        .file_type()
+        .is_char_device());
     std::os::unix::fs::symlink("/etc/passwd", f.m("newlink")).unwrap();
-    assert_eq!(fs::read_link(f.m("newlink")).unwrap().to_str(), Some("/etc/passwd"));
+    assert_eq!(
+        fs::read_link(f.m("newlink")).unwrap().to_str(),
+        Some("/etc/passwd")
+    );
     sh(&format!("mknod {} c 0 0", f.m("zerodev").display()));
-    assert!(fs::symlink_metadata(f.m("zerodev")).unwrap().file_type().is_char_device());
+    assert!(fs::symlink_metadata(f.m("zerodev"))
+        .unwrap()
+        .file_type()
+        .is_char_device());
     assert!(names(&f.mnt).contains(&"zerodev".to_string()));
     let sock = std::os::unix::net::UnixListener::bind(f.m("sock")).unwrap();
-    assert!(fs::symlink_metadata(f.m("sock")).unwrap().file_type().is_socket());
+    assert!(fs::symlink_metadata(f.m("sock"))
+        .unwrap()
+        .file_type()
+        .is_socket());
     drop(sock);
     // Any byte but '/' and NUL, up to 255 bytes.
     let odd = std::ffi::OsStr::from_bytes(b"\x01\xff odd\tname\n");
@@ -429,7 +470,10 @@ fn file_io_semantics() {
     let hole = unsafe { libc::lseek(big.as_raw_fd(), 0, libc::SEEK_HOLE) };
     assert_eq!(hole, 0);
     // SAFETY: fallocate on a valid descriptor.
-    assert_eq!(unsafe { libc::fallocate(big.as_raw_fd(), 0, 0, 1 << 20) }, 0);
+    assert_eq!(
+        unsafe { libc::fallocate(big.as_raw_fd(), 0, 0, 1 << 20) },
+        0
+    );
     big.sync_all().unwrap();
     big.sync_data().unwrap();
     // SAFETY: syncfs on a valid descriptor.
@@ -437,7 +481,11 @@ fn file_io_semantics() {
     drop(big);
     // Shared writable mmap.
     write(f.l1.join("mm"), "hello world");
-    let file = OpenOptions::new().read(true).write(true).open(f.m("mm")).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.m("mm"))
+        .unwrap();
     // SAFETY: mapping 11 bytes of a file that is 11 bytes long.
     unsafe {
         let p = libc::mmap(
@@ -471,8 +519,14 @@ fn file_io_semantics() {
     let l2 = File::open(f.m("log")).unwrap();
     // SAFETY: flock on valid descriptors.
     unsafe {
-        assert_eq!(libc::flock(l1.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB), 0);
-        assert_eq!(libc::flock(l2.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB), -1);
+        assert_eq!(
+            libc::flock(l1.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB),
+            0
+        );
+        assert_eq!(
+            libc::flock(l2.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB),
+            -1
+        );
     }
     let code = sh(&format!(
         "flock -n {} true && echo free || echo held",
@@ -480,7 +534,11 @@ fn file_io_semantics() {
     ));
     assert_eq!(code.trim(), "held");
     drop(l1);
-    let w = OpenOptions::new().read(true).write(true).open(f.m("log")).unwrap();
+    let w = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.m("log"))
+        .unwrap();
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as i16;
     fl.l_whence = libc::SEEK_SET as i16;
@@ -494,7 +552,11 @@ fn unlinked_open_file_keeps_working() {
     let mut f = Fixture::new();
     write(f.l1.join("lowerfile"), "lower");
     f.mount();
-    let mut h = OpenOptions::new().read(true).write(true).open(f.m("lowerfile")).unwrap();
+    let mut h = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.m("lowerfile"))
+        .unwrap();
     fs::remove_file(f.m("lowerfile")).unwrap();
     h.write_all(b"LOW").unwrap();
     let m = h.metadata().unwrap();
@@ -539,11 +601,24 @@ fn no_escape_through_symlinks_or_redirects() {
     write(f.l2.join("esc/inner"), "i");
     // A hostile redirect planted in the upper must not reach outside the layers.
     fs::create_dir_all(f.upper.join("evil")).unwrap();
-    lsetxattr(&f.upper.join("evil"), "trusted.overlay.redirect", b"/../../../../etc").unwrap();
+    lsetxattr(
+        &f.upper.join("evil"),
+        "trusted.overlay.redirect",
+        b"/../../../../etc",
+    )
+    .unwrap();
     fs::create_dir_all(f.upper.join("evil2")).unwrap();
-    lsetxattr(&f.upper.join("evil2"), "trusted.overlay.redirect", b"../../etc").unwrap();
+    lsetxattr(
+        &f.upper.join("evil2"),
+        "trusted.overlay.redirect",
+        b"../../etc",
+    )
+    .unwrap();
     f.mount();
-    assert!(fs::symlink_metadata(f.m("esc")).unwrap().file_type().is_symlink());
+    assert!(fs::symlink_metadata(f.m("esc"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert!(names(f.m("evil")).is_empty());
     assert!(names(f.m("evil2")).is_empty());
     // Writing through the union never lands outside the upper.

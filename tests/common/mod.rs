@@ -38,7 +38,9 @@ pub fn is_mounted(p: &Path) -> bool {
 }
 
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\134", "\\")
 }
 
 impl Fixture {
@@ -93,16 +95,16 @@ impl Fixture {
         self.child = Some(child);
         self.kernel = false;
         // Mounted and answering (a dead mount left by a killed daemon is listed but fails stat).
-        wait_for(|| is_mounted(&self.mnt) && statfs_ok(&self.mnt), "layerfs mount");
+        wait_for(
+            || is_mounted(&self.mnt) && statfs_ok(&self.mnt),
+            "layerfs mount",
+        );
     }
 
     pub fn mount_kernel(&mut self) {
         let st = Command::new("mount")
             .args(["-t", "overlay", "overlay", "-o"])
-            .arg(format!(
-                "{},redirect_dir=on",
-                self.opts()
-            ))
+            .arg(format!("{},redirect_dir=on", self.opts()))
             .arg(&self.mnt)
             .status()
             .expect("mount overlay");
