@@ -12,12 +12,18 @@ use parking_lot::Mutex;
 use crate::copyup::copy_up;
 use crate::dirmerge::DirEnt;
 use crate::inode::Node;
+use crate::iomode::IoMode;
 use crate::sys;
 use crate::union::{errno, Ctx, Union};
 
 pub struct OpenFile {
     pub ino: u64,
     pub fd: OwnedFd,
+    /// (st_dev, st_ino) of the real file behind `fd`.
+    pub key: (u64, u64),
+    pub regular: bool,
+    /// How the kernel does I/O on this handle (set when the open is answered).
+    pub mode: IoMode,
     pub append: bool,
     /// Opened by the kernel to execute the file.
     pub exec: bool,
@@ -27,7 +33,9 @@ pub struct OpenFile {
 
 pub struct OpenDir {
     pub ino: u64,
-    pub entries: Arc<Vec<DirEnt>>,
+    /// The merged listing, taken at the first readdir (with the kernel's
+    /// directory cache, an opendir is often never followed by a readdir).
+    pub entries: std::sync::OnceLock<Arc<Vec<DirEnt>>>,
 }
 
 const SHARDS: usize = 16;
@@ -134,6 +142,9 @@ pub fn open(u: &Union, ctx: &Ctx, node: &Node, flags: i32) -> io::Result<OpenFil
     }
     Ok(OpenFile {
         ino: node.ino,
+        key: (st.st_dev, st.st_ino),
+        regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        mode: IoMode::Cached,
         fd,
         append: flags & libc::O_APPEND != 0,
         exec: false,

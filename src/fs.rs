@@ -20,23 +20,22 @@ use parking_lot::Mutex;
 use tracing::info;
 
 use crate::attrs::{self, SetAttr};
+use crate::cache::CachePolicy;
 use crate::dirmerge::{self, DirEnt};
 use crate::files::{self, Handles, OpenDir, OpenFile};
 use crate::inode::ROOT_INO;
+use crate::iomode::{IoMode, IoModes};
 use crate::namespace::{self, NewObject};
 use crate::sys::{self, Stat, TimeSpec};
 use crate::union::{Ctx, Union};
-
-/// How long the kernel may cache entries and attributes. Every change goes
-/// through layerfs, which answers with fresh attributes, so a short TTL only
-/// bounds how long an outside change to the upper (not supported) could show.
-const TTL: Duration = Duration::from_secs(1);
 
 /// `__FMODE_EXEC`: the kernel opens a file with this flag to execute it.
 const FMODE_EXEC: i32 = 0x20;
 
 pub struct LayerFs {
     pub union: Arc<Union>,
+    cache: CachePolicy,
+    io: IoModes,
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
     /// Files open for execution, by inode: O_TRUNC on them is ETXTBSY. The
@@ -46,9 +45,11 @@ pub struct LayerFs {
 }
 
 impl LayerFs {
-    pub fn new(union: Arc<Union>) -> Self {
+    pub fn new(union: Arc<Union>, cache: CachePolicy, passthrough: bool) -> Self {
         LayerFs {
             union,
+            cache,
+            io: IoModes::new(passthrough),
             files: Handles::default(),
             dirs: Handles::default(),
             executing: Mutex::new(HashMap::new()),
@@ -130,8 +131,45 @@ fn timespec(t: TimeOrNow) -> TimeSpec {
 impl LayerFs {
     fn entry(&self, reply: ReplyEntry, r: io::Result<(Arc<crate::inode::Node>, Stat)>) {
         match r {
-            Ok((_, st)) => reply.entry(&TTL, &to_attr(&st), Generation(0)),
+            Ok((_, st)) => reply.entry_with_ttls(
+                &self.cache.attr_ttl,
+                &self.cache.entry_ttl,
+                &to_attr(&st),
+                Generation(0),
+            ),
             Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+impl LayerFs {
+    /// "." and "..", then the merged entries.
+    fn listing(&self, ino: u64) -> io::Result<Vec<DirEnt>> {
+        let node = self.union.node(ino)?;
+        let parent = node.state.read().parent;
+        let mut entries = vec![
+            DirEnt {
+                name: ".".into(),
+                ino,
+                fmt: libc::S_IFDIR,
+            },
+            DirEnt {
+                name: "..".into(),
+                ino: if ino == ROOT_INO { ROOT_INO } else { parent },
+                fmt: libc::S_IFDIR,
+            },
+        ];
+        entries.extend(dirmerge::list(&self.union, &node)?);
+        Ok(entries)
+    }
+
+    /// Page cache across opens is safe only while no passthrough handle can
+    /// have written the file behind the cache's back.
+    fn keep_cache(&self) -> FopenFlags {
+        if self.cache.keep_file_cache && !self.io.enabled() {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
         }
     }
 }
@@ -148,10 +186,25 @@ impl Filesystem for LayerFs {
         // lock flags: the kernel then handles locks locally, as for a local fs.
         let caps = config.capabilities();
         let _ = config.add_capabilities(want & caps);
+        if self.io.enabled() {
+            if !caps.contains(InitFlags::FUSE_PASSTHROUGH) {
+                self.io
+                    .disable("the kernel has no FUSE passthrough (Linux 6.9 or later)");
+            } else if sys::geteuid() != 0 {
+                self.io.disable("it needs CAP_SYS_ADMIN");
+            } else if config
+                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                .is_err()
+                || config.set_max_stack_depth(1).is_err()
+            {
+                self.io.disable("the kernel refused it at init");
+            }
+        }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         info!(
             killpriv_v2 = caps.contains(InitFlags::FUSE_HANDLE_KILLPRIV_V2),
+            passthrough = self.io.enabled(),
             "FUSE session initialised"
         );
         Ok(())
@@ -187,7 +240,7 @@ impl Filesystem for LayerFs {
             }
         })();
         match r {
-            Ok(st) => reply.attr(&TTL, &to_attr(&st)),
+            Ok(st) => reply.attr(&self.cache.attr_ttl, &to_attr(&st)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -232,7 +285,7 @@ impl Filesystem for LayerFs {
             )
         })();
         match r {
-            Ok(st) => reply.attr(&TTL, &to_attr(&st)),
+            Ok(st) => reply.attr(&self.cache.attr_ttl, &to_attr(&st)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -381,13 +434,20 @@ impl Filesystem for LayerFs {
                     *self.executing.lock().entry(ino.0).or_insert(0) += 1;
                 }
                 let direct = flags.0 & libc::O_DIRECT != 0;
-                let fh = self.files.insert(f);
-                let fl = if direct {
-                    FopenFlags::FOPEN_DIRECT_IO
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(fh), fl);
+                let eligible =
+                    f.regular && !f.maybe_suid.load(std::sync::atomic::Ordering::Relaxed);
+                f.mode = self.io.choose(ino.0, f.key, eligible, direct, || {
+                    reply.open_backing(f.fd.as_fd())
+                });
+                let mode = f.mode.clone();
+                let fh = FileHandle(self.files.insert(f));
+                match mode {
+                    IoMode::Passthrough(b) => {
+                        reply.opened_passthrough(fh, FopenFlags::empty(), &b.id)
+                    }
+                    IoMode::Direct => reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO),
+                    IoMode::Cached => reply.opened(fh, self.keep_cache()),
+                }
             }
             Err(e) => reply.error(err(e)),
         }
@@ -461,6 +521,7 @@ impl Filesystem for LayerFs {
         reply: ReplyEmpty,
     ) {
         if let Some(f) = self.files.remove(fh.0) {
+            self.io.release(f.ino, &f.mode);
             if f.exec {
                 let mut ex = self.executing.lock();
                 if let Some(c) = ex.get_mut(&f.ino) {
@@ -493,29 +554,20 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| {
-            let node = self.union.node(ino.0)?;
-            let parent = node.state.read().parent;
-            let mut entries = vec![
-                DirEnt {
-                    name: ".".into(),
+        match self.union.node(ino.0) {
+            Ok(n) if n.is_dir() => {
+                let fh = self.dirs.insert(OpenDir {
                     ino: ino.0,
-                    fmt: libc::S_IFDIR,
-                },
-                DirEnt {
-                    name: "..".into(),
-                    ino: if ino.0 == ROOT_INO { ROOT_INO } else { parent },
-                    fmt: libc::S_IFDIR,
-                },
-            ];
-            entries.extend(dirmerge::list(&self.union, &node)?);
-            Ok::<_, io::Error>(self.dirs.insert(OpenDir {
-                ino: ino.0,
-                entries: Arc::new(entries),
-            }))
-        })();
-        match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                    entries: std::sync::OnceLock::new(),
+                });
+                let fl = if self.cache.cache_dirs {
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), fl)
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -532,7 +584,14 @@ impl Filesystem for LayerFs {
             Ok(d) => d,
             Err(e) => return reply.error(err(e)),
         };
-        for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
+        let entries = match d.entries.get() {
+            Some(e) => e.clone(),
+            None => match self.listing(d.ino) {
+                Ok(e) => d.entries.get_or_init(|| Arc::new(e)).clone(),
+                Err(e) => return reply.error(err(e)),
+            },
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.fmt), &e.name) {
                 break;
             }
@@ -662,19 +721,43 @@ impl Filesystem for LayerFs {
         );
         match r {
             Ok((node, st, Some(fd))) => {
-                let fh = self.files.insert(OpenFile {
+                let direct = flags & libc::O_DIRECT != 0;
+                let suid = st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0;
+                let key = match sys::fstat(fd.as_fd()) {
+                    Ok(real) => (real.st_dev, real.st_ino),
+                    Err(e) => return reply.error(err(e)),
+                };
+                let mode = self.io.choose(node.ino, key, !suid, direct, || {
+                    reply.open_backing(fd.as_fd())
+                });
+                let fh = FileHandle(self.files.insert(OpenFile {
                     ino: node.ino,
                     fd,
+                    key,
+                    regular: true,
+                    mode: mode.clone(),
                     append: flags & libc::O_APPEND != 0,
                     exec: false,
-                    maybe_suid: (st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0).into(),
-                });
-                let fl = if flags & libc::O_DIRECT != 0 {
-                    FopenFlags::FOPEN_DIRECT_IO
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.created(&TTL, &to_attr(&st), Generation(0), FileHandle(fh), fl);
+                    maybe_suid: suid.into(),
+                }));
+                let attr = to_attr(&st);
+                let ttl = self.cache.attr_ttl;
+                match mode {
+                    IoMode::Passthrough(b) => reply.created_passthrough(
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                        fh,
+                        FopenFlags::empty(),
+                        &b.id,
+                    ),
+                    IoMode::Direct => {
+                        reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::FOPEN_DIRECT_IO)
+                    }
+                    IoMode::Cached => {
+                        reply.created(&ttl, &attr, Generation(0), fh, self.keep_cache())
+                    }
+                }
             }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(err(e)),

@@ -179,7 +179,7 @@ impl Layers {
             lowers,
             upper,
             work,
-            lower_dirs: FdCache::new(1024),
+            lower_dirs: FdCache::new(384),
             lower_paths: opts.lowers.clone(),
             upper_path: opts.upper.clone(),
         })

@@ -2,12 +2,14 @@
 //! writable overlay. See docs/ARCHITECTURE.md for the map of modules.
 
 pub mod attrs;
+pub mod cache;
 pub mod cli;
 pub mod copyup;
 pub mod dirmerge;
 pub mod files;
 pub mod fs;
 pub mod inode;
+pub mod iomode;
 pub mod layers;
 pub mod mount;
 pub mod namespace;

@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use fuser::{Config, MountOption, SessionACL};
 use tracing::{error, info, warn};
 
+use crate::cache::CachePolicy;
 use crate::fs::LayerFs;
 use crate::layers::Layers;
 use crate::options::MountOptions;
@@ -173,7 +174,7 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
         sys::set_umask(0);
         sys::block_term_signals()?;
         let config = fuse_config(&req.options, read_only);
-        let fs = LayerFs::new(union);
+        let fs = LayerFs::new(union, CachePolicy::default(), req.options.passthrough);
         let session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| {
             anyhow!(
                 "cannot mount on '{}': {e}{}",

@@ -86,7 +86,7 @@ impl Union {
         let u = Union {
             layers,
             inodes: InodeTable::new(),
-            upper_dirs: FdCache::new(512),
+            upper_dirs: FdCache::new(256),
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             tmp_counter: AtomicU64::new(0),
             read_only,

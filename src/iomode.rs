@@ -1,0 +1,132 @@
+//! Which I/O path each open file takes: kernel passthrough (data never
+//! crosses the daemon), the page cache through the daemon, or direct I/O.
+//!
+//! The kernel allows, per inode, either passthrough opens sharing one
+//! backing file, or page-cached opens, never both (a mixed open fails with
+//! ETXTBSY). After a copy-up the upper file is a different backing file than
+//! the lower one an earlier reader may still hold. This module picks a mode
+//! per open that never conflicts: direct I/O (no page cache, no io mode) is
+//! the fallback when neither of the others can be used.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use fuser::BackingId;
+use parking_lot::Mutex;
+use tracing::{info, warn};
+
+/// A backing file registered with the kernel, and which real file it is.
+pub struct Backing {
+    pub id: BackingId,
+    pub key: (u64, u64),
+}
+
+#[derive(Clone)]
+pub enum IoMode {
+    Passthrough(Arc<Backing>),
+    Cached,
+    Direct,
+}
+
+#[derive(Default)]
+struct InodeIo {
+    backing: Weak<Backing>,
+    cached: u32,
+}
+
+pub struct IoModes {
+    enabled: AtomicBool,
+    inodes: Mutex<HashMap<u64, InodeIo>>,
+}
+
+impl IoModes {
+    pub fn new(enabled: bool) -> Self {
+        IoModes {
+            enabled: AtomicBool::new(enabled),
+            inodes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn disable(&self, why: &str) {
+        if self.enabled.swap(false, Ordering::Relaxed) {
+            info!("kernel FUSE passthrough off: {why}; file data goes through the daemon");
+        }
+    }
+
+    /// Choose the mode of a new open of inode `ino` whose real file is `key`.
+    /// `eligible`: a regular file passthrough may serve (no setuid bits to
+    /// clear on write, no O_DIRECT). `open_backing` registers the file.
+    pub fn choose(
+        &self,
+        ino: u64,
+        key: (u64, u64),
+        eligible: bool,
+        direct: bool,
+        open_backing: impl FnOnce() -> io::Result<BackingId>,
+    ) -> IoMode {
+        let mut map = self.inodes.lock();
+        let st = map.entry(ino).or_default();
+        let live = st.backing.upgrade();
+        if direct {
+            return IoMode::Direct;
+        }
+        if eligible && self.enabled() && st.cached == 0 {
+            match live {
+                Some(b) if b.key == key => return IoMode::Passthrough(b),
+                Some(_) => return IoMode::Direct,
+                None => match open_backing() {
+                    Ok(id) => {
+                        let b = Arc::new(Backing { id, key });
+                        st.backing = Arc::downgrade(&b);
+                        return IoMode::Passthrough(b);
+                    }
+                    Err(e) => {
+                        warn!(err = %e, "cannot register a passthrough backing file");
+                        drop(map);
+                        self.disable("the kernel refused a backing file");
+                        return self.cached(ino);
+                    }
+                },
+            }
+        }
+        if live.is_some() {
+            return IoMode::Direct;
+        }
+        st.cached += 1;
+        IoMode::Cached
+    }
+
+    fn cached(&self, ino: u64) -> IoMode {
+        let mut map = self.inodes.lock();
+        let st = map.entry(ino).or_default();
+        if st.backing.upgrade().is_some() {
+            return IoMode::Direct;
+        }
+        st.cached += 1;
+        IoMode::Cached
+    }
+
+    /// A handle opened in `mode` was released.
+    pub fn release(&self, ino: u64, mode: &IoMode) {
+        let mut map = self.inodes.lock();
+        if let Some(st) = map.get_mut(&ino) {
+            if let IoMode::Cached = mode {
+                st.cached = st.cached.saturating_sub(1);
+            }
+            let passthrough_left = match mode {
+                // The releasing handle still holds one strong reference.
+                IoMode::Passthrough(b) => Arc::strong_count(b) > 1,
+                _ => st.backing.upgrade().is_some(),
+            };
+            if st.cached == 0 && !passthrough_left {
+                map.remove(&ino);
+            }
+        }
+    }
+}
