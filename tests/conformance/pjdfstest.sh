@@ -52,7 +52,11 @@ run_one() {
       dir="$B/m/t" ;;
     *) echo "unknown backend $be" >&2; return 2 ;;
   esac
-  (cd "$dir" && timeout 1800 pjdfstest -c "$here/pjdfstest.toml" -p "$dir") > "$OUT/$be.log" 2>&1 || true
+  # A directory on another filesystem, for the cross-device (EXDEV) cases.
+  local sec=/dev/shm/lfpj-sec
+  rm -rf "$sec"; mkdir -p "$sec"; chmod 0777 "$sec"
+  (cd "$dir" && timeout 1800 pjdfstest -c "$here/pjdfstest.toml" -p "$dir" -s "$sec") > "$OUT/$be.log" 2>&1 || true
+  rm -rf "$sec"
   local s
   s=$(grep '^Summary:' "$OUT/$be.log" || echo "Summary: ? failed, ? skipped, ? passed")
   local failed skipped passed total
