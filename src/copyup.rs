@@ -66,8 +66,11 @@ pub fn copy_up(u: &Union, node: &Node, with_data: bool) -> io::Result<()> {
         with_data && !node.is_dir(),
     );
     let result = built.and_then(|()| {
-        if !node.is_dir() {
-            // Keep the inode number the file had in the union.
+        if !node.is_dir() && sst.st_nlink <= 1 {
+            // Keep the inode number the file had in the union. Not for a file
+            // with other names in its lower layer: those names keep showing
+            // the lower file, and two different files must never share a
+            // number (tar and rsync would take one for a link to the other).
             whiteout::set_origin(work, &tmp, node.ino)?;
         }
         sys::renameat2(work, &tmp, pfd.as_fd(), &st.name, sys::RENAME_NOREPLACE)

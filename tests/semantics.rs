@@ -655,3 +655,18 @@ fn parallel_readers_in_different_directories() {
     let c = CString::new("x").unwrap();
     drop(c);
 }
+
+#[test]
+fn lower_hard_links_never_share_a_number_with_different_data() {
+    let mut f = Fixture::new();
+    write(f.l1.join("a"), "shared");
+    fs::hard_link(f.l1.join("a"), f.l1.join("b")).unwrap();
+    f.mount();
+    assert_eq!(ino(f.m("a")), ino(f.m("b")));
+    write(f.m("a"), "changed");
+    f.remount();
+    // After copy-up, "a" is its own file; "b" is still the lower one.
+    assert_eq!(read(f.m("a")), "changed");
+    assert_eq!(read(f.m("b")), "shared");
+    assert_ne!(ino(f.m("a")), ino(f.m("b")));
+}
