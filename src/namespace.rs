@@ -97,6 +97,9 @@ fn give_to_caller(
 
 /// Run `f` with the calling thread's filesystem gid set to `gid`.
 fn with_fsgid<T>(gid: u32, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    if gid == 0 {
+        return f(); // the daemon's own fsgid already
+    }
     let _g = sys::FsGid::set(gid);
     f()
 }
@@ -113,9 +116,9 @@ pub fn create(
     u.check_writable()?;
     sys::check_name(name)?;
     let pnode = u.node(parent)?;
-    if u.probe_in(&pnode, name)?.is_some() {
-        return Err(errno(libc::EEXIST));
-    }
+    // No union probe: the kernel calls create/mkdir/mknod/symlink only after a
+    // negative lookup, under the directory lock, and every change goes
+    // through layerfs. The upper is checked below (whiteout or not).
     copy_up(u, &pnode, true)?;
     let pfd = u.upper_dir_fd(&pnode)?;
     let over_whiteout = match sys::fstatat(pfd.as_fd(), name) {
@@ -240,7 +243,7 @@ pub fn rmdir(u: &Union, parent: u64, name: &OsStr) -> io::Result<()> {
 fn remove(u: &Union, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
     u.check_writable()?;
     let pnode = u.node(parent)?;
-    let (node, _) = u.lookup(parent, name)?;
+    let (node, _, probe) = u.lookup_probe(parent, name)?;
     // lookup counted a reference the kernel does not know about.
     let ino = node.ino;
     let result = (|| {
@@ -255,13 +258,15 @@ fn remove(u: &Union, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
         }
         copy_up(u, &pnode, true)?;
         let pfd = u.upper_dir_fd(&pnode)?;
-        let pst = pnode.state.read().clone();
-        let upper_here = match sys::fstatat(pfd.as_fd(), name) {
-            Ok(st) => !whiteout::is_whiteout(pfd.as_fd(), name, &st),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
-            Err(e) => return Err(e),
+        // What the probe saw at this name: an upper object hides a lower one
+        // only if there is one (checked); a lower object always needs a whiteout.
+        let upper_here = probe.upper;
+        let need_whiteout = if !probe.upper || !probe.lower_dirs.is_empty() {
+            true
+        } else {
+            let pst = pnode.state.read().clone();
+            u.lower_has(&pst, name)?
         };
-        let need_whiteout = u.lower_has(&pst, name)?;
         if upper_here {
             remove_upper(u, pfd.as_fd(), name, dir, need_whiteout)?;
         } else if need_whiteout {

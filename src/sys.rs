@@ -694,3 +694,9 @@ pub fn statfs_errno(path: &std::path::Path) -> Option<i32> {
         None
     }
 }
+
+/// An all-zero `stat` (for replies that carry no real object).
+pub fn zeroed_stat() -> Stat {
+    // SAFETY: `stat` is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}

@@ -401,6 +401,11 @@ impl Union {
 
     /// Look up `name` in `parent` and count a kernel reference on the result.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<(Arc<Node>, Stat)> {
+        self.lookup_probe(parent, name).map(|(n, st, _)| (n, st))
+    }
+
+    /// `lookup`, also returning what the probe found at this very name.
+    pub fn lookup_probe(&self, parent: u64, name: &OsStr) -> io::Result<(Arc<Node>, Stat, Probe)> {
         sys::check_name(name)?;
         let pnode = self.node(parent)?;
         if !pnode.is_dir() {
@@ -429,7 +434,7 @@ impl Union {
         } else {
             p.st
         };
-        Ok((node, st))
+        Ok((node, st, p))
     }
 
     /// A directory's entries changed through layerfs. Cached listings of it
