@@ -7,6 +7,7 @@ table.  Only the standard library is used.
 """
 
 import argparse
+import fcntl
 import hashlib
 import io
 import json
@@ -843,6 +844,23 @@ def machine_meta():
                 kernel=platform.release(), os=osr)
 
 
+def clear_stale_mounts(workdir):
+    """Unmount what a killed earlier run left under workdir (deepest first), and free its loop devices."""
+    prefix = os.path.realpath(workdir).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        mnts = [l.split()[4] for l in f]
+    for m in sorted((m for m in mnts if m.startswith(prefix)), key=len, reverse=True):
+        log(f"unmounting {m}, left by an earlier run")
+        if subprocess.run(["umount", m], stderr=subprocess.DEVNULL, timeout=120).returncode != 0:
+            subprocess.run(["umount", "-l", m], timeout=60)
+    out = subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE, text=True).stdout
+    for line in out.splitlines():
+        if prefix in line:
+            dev = line.split(":", 1)[0]
+            log(f"detaching {dev}, left by an earlier run")
+            subprocess.run(["losetup", "-d", dev], timeout=60)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 run (smoke test)")
@@ -877,10 +895,17 @@ def main():
     meta["fuse_overlayfs"] = next((l for l in fv if l.startswith("fuse-overlayfs")), "fuse-overlayfs ?")
     meta["fio"] = sh(["fio", "--version"]).stdout.strip()
 
+    # One run at a time per workdir: two runs would share the image and spoil each other's numbers.
+    lock = open(os.path.join(a.workdir, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"another benchmark run holds {a.workdir}/.lock; waiting for it to finish")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    clear_stale_mounts(a.workdir)
+
     backends, loop = [], None
     try:
-        if os.path.ismount(fs):
-            sh(["umount", fs])
         os.makedirs(fs, exist_ok=True)
         reuse = a.keep and os.path.exists(img) and os.path.exists(img + ".stamp") \
             and open(img + ".stamp").read() == stamp
