@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 use tracing::info;
@@ -147,6 +147,14 @@ impl LayerFs {
 }
 
 impl LayerFs {
+    fn entries_of(&self, d: &OpenDir) -> io::Result<Arc<Vec<DirEnt>>> {
+        if let Some(e) = d.entries.get() {
+            return Ok(e.clone());
+        }
+        let e = self.listing(d.ino)?;
+        Ok(d.entries.get_or_init(|| Arc::new(e)).clone())
+    }
+
     /// "." and "..", then the merged entries.
     fn listing(&self, ino: u64) -> io::Result<Vec<DirEnt>> {
         let node = self.union.node(ino)?;
@@ -185,6 +193,8 @@ impl Filesystem for LayerFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2
             | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_MAX_PAGES;
         // Never FUSE_SETXATTR_EXT: fuser 0.18 mis-parses it. No POSIX/flock
         // lock flags: the kernel then handles locks locally, as for a local fs.
@@ -600,15 +610,69 @@ impl Filesystem for LayerFs {
             Ok(d) => d,
             Err(e) => return reply.error(err(e)),
         };
-        let entries = match d.entries.get() {
-            Some(e) => e.clone(),
-            None => match self.listing(d.ino) {
-                Ok(e) => d.entries.get_or_init(|| Arc::new(e)).clone(),
-                Err(e) => return reply.error(err(e)),
-            },
+        let entries = match self.entries_of(&d) {
+            Ok(e) => e,
+            Err(e) => return reply.error(err(e)),
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.fmt), &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// Listing with attributes: a cold `ls -l`, `find`, `du` or backup walk
+    /// then needs no lookup round trip per entry. Each entry handed to the
+    /// kernel counts as a lookup ("." and ".." do not).
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let d = match self.dirs.get(fh.0) {
+            Ok(d) => d,
+            Err(e) => return reply.error(err(e)),
+        };
+        let entries = match self.entries_of(&d) {
+            Ok(e) => e,
+            Err(e) => return reply.error(err(e)),
+        };
+        let ttl = self.cache.attr_ttl;
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let off = (i + 1) as u64;
+            if e.name == "." || e.name == ".." {
+                let mut st = sys::zeroed_stat();
+                st.st_ino = e.ino;
+                st.st_mode = libc::S_IFDIR;
+                if reply.add(
+                    INodeNo(e.ino),
+                    off,
+                    &e.name,
+                    &Duration::ZERO,
+                    &to_attr(&st),
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            let Ok((node, st)) = self.union.lookup(d.ino, &e.name) else {
+                continue; // removed since the listing was taken
+            };
+            if reply.add(
+                INodeNo(st.st_ino),
+                off,
+                &e.name,
+                &ttl,
+                &to_attr(&st),
+                Generation(0),
+            ) {
+                // Did not fit: the kernel will ask again; it holds no reference.
+                self.union.inodes.forget(node.ino, 1);
                 break;
             }
         }
