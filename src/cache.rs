@@ -8,6 +8,9 @@
 //! listings can be cached for long. A change that layerfs makes on its own
 //! (rollback of the whole overlay) must invalidate through the `Notifier`.
 //!
+//! Directory listings are always cached by the kernel: layerfs answers no
+//! OPENDIR (see `fs.rs` and `dirmerge::Listings`).
+//!
 //! Changing the upper directly while mounted is not supported (as with
 //! kernel overlayfs); such changes show after the TTL or a remount.
 
@@ -19,9 +22,6 @@ pub struct CachePolicy {
     pub entry_ttl: Duration,
     /// How long the kernel may keep an inode's attributes.
     pub attr_ttl: Duration,
-    /// Let the kernel cache merged directory listings across opendir
-    /// (`FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE`).
-    pub cache_dirs: bool,
     /// Keep file data in the page cache across opens (non-passthrough files).
     pub keep_file_cache: bool,
 }
@@ -31,7 +31,6 @@ impl Default for CachePolicy {
         CachePolicy {
             entry_ttl: Duration::from_secs(3600),
             attr_ttl: Duration::from_secs(3600),
-            cache_dirs: true,
             keep_file_cache: true,
         }
     }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::copyup::copy_up;
-use crate::dirmerge::DirEnt;
 use crate::inode::Node;
 use crate::iomode::IoMode;
 use crate::sys;
@@ -29,13 +28,6 @@ pub struct OpenFile {
     pub exec: bool,
     /// The file may carry setuid/setgid bits that a write must clear.
     pub maybe_suid: AtomicBool,
-}
-
-pub struct OpenDir {
-    pub ino: u64,
-    /// The merged listing, taken at the first readdir (with the kernel's
-    /// directory cache, an opendir is often never followed by a readdir).
-    pub entries: std::sync::OnceLock<Arc<Vec<DirEnt>>>,
 }
 
 const SHARDS: usize = 16;

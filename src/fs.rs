@@ -21,8 +21,8 @@ use tracing::info;
 
 use crate::attrs::{self, SetAttr};
 use crate::cache::CachePolicy;
-use crate::dirmerge::{self, DirEnt};
-use crate::files::{self, Handles, OpenDir, OpenFile};
+use crate::dirmerge::{self, offset_of, DirEnt};
+use crate::files::{self, Handles, OpenFile};
 use crate::inode::ROOT_INO;
 use crate::iomode::{IoMode, IoModes};
 use crate::namespace::{self, NewObject};
@@ -37,7 +37,6 @@ pub struct LayerFs {
     cache: CachePolicy,
     io: IoModes,
     files: Handles<OpenFile>,
-    dirs: Handles<OpenDir>,
     /// Files open for execution, by inode: O_TRUNC on them is ETXTBSY. The
     /// kernel checks write opens itself but with atomic O_TRUNC it truncates
     /// (through us) before checking, so we must refuse first.
@@ -51,7 +50,6 @@ impl LayerFs {
             cache,
             io: IoModes::new(passthrough),
             files: Handles::default(),
-            dirs: Handles::default(),
             executing: Mutex::new(HashMap::new()),
         }
     }
@@ -147,12 +145,8 @@ impl LayerFs {
 }
 
 impl LayerFs {
-    fn entries_of(&self, d: &OpenDir) -> io::Result<Arc<Vec<DirEnt>>> {
-        if let Some(e) = d.entries.get() {
-            return Ok(e.clone());
-        }
-        let e = self.listing(d.ino)?;
-        Ok(d.entries.get_or_init(|| Arc::new(e)).clone())
+    fn snapshot(&self, ino: u64, offset: u64) -> io::Result<(u32, Arc<Vec<DirEnt>>, usize)> {
+        self.union.listings.get(ino, offset, || self.listing(ino))
     }
 
     /// "." and "..", then the merged entries.
@@ -193,6 +187,7 @@ impl Filesystem for LayerFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2
             | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_NO_OPENDIR_SUPPORT
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_MAX_PAGES;
@@ -579,71 +574,52 @@ impl Filesystem for LayerFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.union.node(ino.0) {
-            Ok(n) if n.is_dir() => {
-                let fh = self.dirs.insert(OpenDir {
-                    ino: ino.0,
-                    entries: std::sync::OnceLock::new(),
-                });
-                let fl = if self.cache.cache_dirs {
-                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(fh), fl)
-            }
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(err(e)),
-        }
+    /// No OPENDIR: answering ENOSYS makes the kernel stop sending OPENDIR
+    /// and RELEASEDIR and cache every listing (FOPEN_CACHE_DIR |
+    /// FOPEN_KEEP_CACHE is its default then): two round trips less per
+    /// directory walked. Offsets name a listing snapshot (see `Listings`).
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let d = match self.dirs.get(fh.0) {
-            Ok(d) => d,
+        let (snap, entries, from) = match self.snapshot(ino.0, offset) {
+            Ok(s) => s,
             Err(e) => return reply.error(err(e)),
         };
-        let entries = match self.entries_of(&d) {
-            Ok(e) => e,
-            Err(e) => return reply.error(err(e)),
-        };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(e.ino), (i + 1) as u64, kind(e.fmt), &e.name) {
+        for (i, e) in entries.iter().enumerate().skip(from) {
+            if reply.add(INodeNo(e.ino), offset_of(snap, i), kind(e.fmt), &e.name) {
                 break;
             }
         }
         reply.ok();
     }
 
-    /// Listing with attributes: a cold `ls -l`, `find`, `du` or backup walk
-    /// then needs no lookup round trip per entry. Each entry handed to the
-    /// kernel counts as a lookup ("." and ".." do not).
+    /// Listing with attributes: a cold `ls -l`, `du` or backup walk then
+    /// needs no lookup round trip per entry. Each entry handed to the kernel
+    /// counts as a lookup ("." and ".." do not).
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let d = match self.dirs.get(fh.0) {
-            Ok(d) => d,
-            Err(e) => return reply.error(err(e)),
-        };
-        let entries = match self.entries_of(&d) {
-            Ok(e) => e,
+        let (snap, entries, from) = match self.snapshot(ino.0, offset) {
+            Ok(s) => s,
             Err(e) => return reply.error(err(e)),
         };
         let ttl = self.cache.attr_ttl;
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let off = (i + 1) as u64;
+        for (i, e) in entries.iter().enumerate().skip(from) {
+            let off = offset_of(snap, i);
             if e.name == "." || e.name == ".." {
                 let mut st = sys::zeroed_stat();
                 st.st_ino = e.ino;
@@ -660,7 +636,7 @@ impl Filesystem for LayerFs {
                 }
                 continue;
             }
-            let Ok((node, st)) = self.union.lookup(d.ino, &e.name) else {
+            let Ok((node, st)) = self.union.lookup(ino.0, &e.name) else {
                 continue; // removed since the listing was taken
             };
             if reply.add(
@@ -676,18 +652,6 @@ impl Filesystem for LayerFs {
                 break;
             }
         }
-        reply.ok();
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.dirs.remove(fh.0);
         reply.ok();
     }
 

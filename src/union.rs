@@ -65,6 +65,7 @@ pub struct Union {
     locks: Vec<Mutex<()>>,
     tmp_counter: AtomicU64,
     read_only: bool,
+    pub listings: crate::dirmerge::Listings,
 }
 
 pub fn fmt_of(st: &Stat) -> u32 {
@@ -90,6 +91,7 @@ impl Union {
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             tmp_counter: AtomicU64::new(0),
             read_only,
+            listings: Default::default(),
         };
         let impure = match u.layers.upper_root() {
             Some(r) => whiteout::read_dir_marks(r, None)?.impure,
@@ -437,7 +439,9 @@ impl Union {
         Ok((node, st, p))
     }
 
-    /// A directory's entries changed through layerfs. Cached listings of it
-    /// are rebuilt at the next opendir (each opendir takes a fresh snapshot).
-    pub fn dir_changed(&self, _dir: &Node) {}
+    /// A directory's entries changed through layerfs: the next reader gets
+    /// a fresh listing (the kernel drops its own cached listing itself).
+    pub fn dir_changed(&self, dir: &Node) {
+        self.listings.invalidate(dir.ino);
+    }
 }
