@@ -229,11 +229,14 @@ fn copy_range(
     let mut use_cfr = true;
     let mut buf = Vec::new();
     while len > 0 {
-        let chunk = len.min(1 << 30) as usize;
+        // 64 MiB at a time, starting writeback of each chunk as it is done:
+        // the final fsync then waits for little more than the last chunk.
+        let chunk = len.min(64 << 20) as usize;
         if use_cfr {
             match sys::copy_file_range(src, off, dst, off, chunk) {
                 Ok(0) => return Ok(()), // source shrank; nothing more to copy
                 Ok(n) => {
+                    sys::start_writeback(dst, off, n as u64);
                     off += n as u64;
                     len -= n as u64;
                     continue;
