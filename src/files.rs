@@ -21,6 +21,9 @@ pub struct OpenFile {
     /// (st_dev, st_ino) of the real file behind `fd`.
     pub key: (u64, u64),
     pub regular: bool,
+    /// Opened for writing: the object was copied up first, so `fd` is the
+    /// upper file (a read-only handle may still be the lower one).
+    pub writable: bool,
     /// How the kernel does I/O on this handle (set when the open is answered).
     pub mode: IoMode,
     pub append: bool,
@@ -136,6 +139,7 @@ pub fn open(u: &Union, ctx: &Ctx, node: &Node, flags: i32) -> io::Result<OpenFil
         ino: node.ino,
         key: (st.st_dev, st.st_ino),
         regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        writable: wants_write(flags),
         mode: IoMode::Cached,
         fd,
         append: flags & libc::O_APPEND != 0,

@@ -285,13 +285,20 @@ impl Filesystem for LayerFs {
             let node = self.union.node(ino.0)?;
             let f = match fh {
                 Some(fh) => self.files.get(fh.0).ok(),
+                // fchmod/fchown/futimens come without a handle; a file that
+                // is open but has no name left is reached through its handle.
+                None if node.state.read().unlinked => {
+                    self.files.find(|f| f.ino == ino.0 && f.writable)
+                }
                 None => None,
             };
             attrs::setattr(
                 &self.union,
                 &ctx(req),
                 &node,
-                f.as_ref().map(|f| &f.fd),
+                // Only a handle opened for writing is known to be the upper
+                // file; attributes must never be changed through a lower one.
+                f.as_ref().filter(|f| f.writable).map(|f| &f.fd),
                 SetAttr {
                     mode,
                     uid,
@@ -779,6 +786,7 @@ impl Filesystem for LayerFs {
                     fd,
                     key,
                     regular: true,
+                    writable: true,
                     mode: mode.clone(),
                     append: flags & libc::O_APPEND != 0,
                     exec: false,

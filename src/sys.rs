@@ -260,6 +260,23 @@ pub enum TimeSpec {
     At(i64, i64),
 }
 
+fn timespec_of(t: TimeSpec) -> libc::timespec {
+    match t {
+        TimeSpec::Omit => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        TimeSpec::Now => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        TimeSpec::At(s, ns) => libc::timespec {
+            tv_sec: s as libc::time_t,
+            tv_nsec: ns as _,
+        },
+    }
+}
+
 /// Set access and modification times of `name` in `dir` (never following a final symlink).
 pub fn utimensat(
     dir: BorrowedFd<'_>,
@@ -267,24 +284,8 @@ pub fn utimensat(
     atime: TimeSpec,
     mtime: TimeSpec,
 ) -> io::Result<()> {
-    fn ts(t: TimeSpec) -> libc::timespec {
-        match t {
-            TimeSpec::Omit => libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            },
-            TimeSpec::Now => libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_NOW,
-            },
-            TimeSpec::At(s, ns) => libc::timespec {
-                tv_sec: s as libc::time_t,
-                tv_nsec: ns as _,
-            },
-        }
-    }
     let c = cstr(name)?;
-    let times = [ts(atime), ts(mtime)];
+    let times = [timespec_of(atime), timespec_of(mtime)];
     // SAFETY: valid C string; times points to 2 timespecs.
     check(unsafe {
         libc::utimensat(
@@ -712,4 +713,16 @@ pub fn start_writeback(fd: BorrowedFd<'_>, off: u64, len: u64) {
             libc::SYNC_FILE_RANGE_WRITE,
         );
     }
+}
+
+pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
+/// Set times on an open (non-O_PATH) descriptor.
+pub fn futimens(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
+    let times = [timespec_of(atime), timespec_of(mtime)];
+    // SAFETY: times points to 2 timespecs; a null path means the descriptor itself.
+    check(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
 }

@@ -670,3 +670,32 @@ fn lower_hard_links_never_share_a_number_with_different_data() {
     assert_eq!(read(f.m("b")), "shared");
     assert_ne!(ino(f.m("a")), ino(f.m("b")));
 }
+
+#[test]
+fn attribute_changes_through_handles_never_touch_a_lower_layer() {
+    let mut f = Fixture::new();
+    write(f.l1.join("ro"), "x");
+    write(f.l1.join("rw"), "y");
+    fs::set_permissions(f.l1.join("ro"), fs::Permissions::from_mode(0o644)).unwrap();
+    f.mount();
+    // fchmod through a handle opened read-only (it is still the lower file).
+    let ro = File::open(f.m("ro")).unwrap();
+    ro.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    assert_eq!(fs::metadata(f.l1.join("ro")).unwrap().mode() & 0o777, 0o644);
+    assert_eq!(fs::metadata(f.m("ro")).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(ro.metadata().unwrap().mode() & 0o777, 0o600);
+    // fchmod/futimens on a writable handle of a file that was unlinked meanwhile.
+    let rw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.m("rw"))
+        .unwrap();
+    fs::remove_file(f.m("rw")).unwrap();
+    rw.set_permissions(fs::Permissions::from_mode(0o640))
+        .unwrap();
+    rw.set_len(0).unwrap();
+    assert_eq!(rw.metadata().unwrap().mode() & 0o777, 0o640);
+    assert_eq!(rw.metadata().unwrap().len(), 0);
+    assert_eq!(read(f.l1.join("rw")), "y");
+}
