@@ -92,6 +92,28 @@ fn clear_errors_and_nonzero_exit() {
 }
 
 #[test]
+fn no_permission_is_a_clear_error() {
+    let f = Fixture::new();
+    // An unprivileged user cannot mount a writable union (whiteouts, trusted.* xattrs).
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "-o",
+        ])
+        .arg(f.opts())
+        .arg(&f.mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no permission"), "{err}");
+    assert!(!is_mounted(&f.mnt));
+}
+
+#[test]
 fn daemon_mode_returns_once_mounted_and_sigterm_unmounts() {
     let f = Fixture::new();
     write(f.l1.join("hello"), "hi");
