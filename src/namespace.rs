@@ -179,7 +179,10 @@ pub fn create(
             }
         }
     };
-    let st = sys::fstatat(pfd.as_fd(), name)?;
+    let st = match &fd {
+        Some(f) => sys::fstat(f.as_fd())?,
+        None => sys::fstatat(pfd.as_fd(), name)?,
+    };
     let (node, st) = register_new(u, parent, name, st);
     u.dir_changed(&pnode);
     Ok((node, st, fd))
