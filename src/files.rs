@@ -21,6 +21,8 @@ pub struct OpenFile {
     /// (st_dev, st_ino) of the real file behind `fd`.
     pub key: (u64, u64),
     pub regular: bool,
+    /// Size at open (to decide whether passthrough is worth a backing file).
+    pub size: u64,
     /// Opened for writing: the object was copied up first, so `fd` is the
     /// upper file (a read-only handle may still be the lower one).
     pub writable: bool,
@@ -139,6 +141,7 @@ pub fn open(u: &Union, ctx: &Ctx, node: &Node, flags: i32) -> io::Result<OpenFil
         ino: node.ino,
         key: (st.st_dev, st.st_ino),
         regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        size: st.st_size as u64,
         writable: wants_write(flags),
         mode: IoMode::Cached,
         fd,

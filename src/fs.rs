@@ -144,7 +144,22 @@ impl LayerFs {
     }
 }
 
+/// Read-only opens of files at least this big use passthrough.
+const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
+
 impl LayerFs {
+    fn release_exec(&self, f: &OpenFile) {
+        if f.exec {
+            let mut ex = self.executing.lock();
+            if let Some(c) = ex.get_mut(&f.ino) {
+                *c -= 1;
+                if *c == 0 {
+                    ex.remove(&f.ino);
+                }
+            }
+        }
+    }
+
     fn snapshot(&self, ino: u64, offset: u64) -> io::Result<(u32, Arc<Vec<DirEnt>>, usize)> {
         self.union.listings.get(ino, offset, || self.listing(ino))
     }
@@ -459,11 +474,22 @@ impl Filesystem for LayerFs {
                     *self.executing.lock().entry(ino.0).or_insert(0) += 1;
                 }
                 let direct = flags.0 & libc::O_DIRECT != 0;
-                let eligible =
-                    f.regular && !f.maybe_suid.load(std::sync::atomic::Ordering::Relaxed);
-                f.mode = self.io.choose(ino.0, f.key, eligible, direct, || {
+                // Passthrough for writers (the upper file), programs and big
+                // files. Small read-only opens of lower files (configuration)
+                // go through the page cache: a reader holding a lower backing
+                // file would make the kernel refuse a later writer's copy.
+                let eligible = f.regular
+                    && !f.maybe_suid.load(std::sync::atomic::Ordering::Relaxed)
+                    && (f.writable || exec || f.size >= PASSTHROUGH_MIN_SIZE);
+                f.mode = match self.io.choose(ino.0, f.key, eligible, direct, || {
                     reply.open_backing(f.fd.as_fd())
-                });
+                }) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.release_exec(&f);
+                        return reply.error(err(e));
+                    }
+                };
                 let mode = f.mode.clone();
                 let fh = FileHandle(self.files.insert(f));
                 match mode {
@@ -550,15 +576,7 @@ impl Filesystem for LayerFs {
     ) {
         if let Some(f) = self.files.remove(fh.0) {
             self.io.release(f.ino, &f.mode);
-            if f.exec {
-                let mut ex = self.executing.lock();
-                if let Some(c) = ex.get_mut(&f.ino) {
-                    *c -= 1;
-                    if *c == 0 {
-                        ex.remove(&f.ino);
-                    }
-                }
-            }
+            self.release_exec(&f);
         }
         reply.ok();
     }
@@ -778,14 +796,18 @@ impl Filesystem for LayerFs {
                     Ok(real) => (real.st_dev, real.st_ino),
                     Err(e) => return reply.error(err(e)),
                 };
-                let mode = self.io.choose(node.ino, key, !suid, direct, || {
+                let mode = match self.io.choose(node.ino, key, !suid, direct, || {
                     reply.open_backing(fd.as_fd())
-                });
+                }) {
+                    Ok(m) => m,
+                    Err(e) => return reply.error(err(e)),
+                };
                 let fh = FileHandle(self.files.insert(OpenFile {
                     ino: node.ino,
                     fd,
                     key,
                     regular: true,
+                    size: 0,
                     writable: true,
                     mode: mode.clone(),
                     append: flags & libc::O_APPEND != 0,

@@ -60,8 +60,14 @@ impl IoModes {
     }
 
     /// Choose the mode of a new open of inode `ino` whose real file is `key`.
-    /// `eligible`: a regular file passthrough may serve (no setuid bits to
-    /// clear on write, no O_DIRECT). `open_backing` registers the file.
+    /// `eligible`: worth a passthrough backing file (see `fs.rs`); `direct`:
+    /// the caller asked for O_DIRECT. `open_backing` registers the file.
+    ///
+    /// The kernel accepts, while an inode has a backing file, only
+    /// passthrough opens of that same file (anything else fails with EIO).
+    /// So: the same file reuses it; a different file (the upper copy, while
+    /// a reader of the lower one is still open) is refused with ETXTBSY,
+    /// like writing to a running program, rather than served wrongly.
     pub fn choose(
         &self,
         ino: u64,
@@ -69,45 +75,45 @@ impl IoModes {
         eligible: bool,
         direct: bool,
         open_backing: impl FnOnce() -> io::Result<BackingId>,
-    ) -> IoMode {
+    ) -> io::Result<IoMode> {
         let mut map = self.inodes.lock();
         let st = map.entry(ino).or_default();
-        let live = st.backing.upgrade();
+        match st.backing.upgrade() {
+            Some(b) if b.key == key => return Ok(IoMode::Passthrough(b)),
+            Some(_) => {
+                warn!(
+                    ino,
+                    "open refused: the file was copied up while a reader of the lower copy is open"
+                );
+                return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+            }
+            None => {}
+        }
         if direct {
-            return IoMode::Direct;
+            return Ok(IoMode::Direct);
         }
         if eligible && self.enabled() && st.cached == 0 {
-            match live {
-                Some(b) if b.key == key => return IoMode::Passthrough(b),
-                Some(_) => return IoMode::Direct,
-                None => match open_backing() {
-                    Ok(id) => {
-                        let b = Arc::new(Backing { id, key });
-                        st.backing = Arc::downgrade(&b);
-                        return IoMode::Passthrough(b);
-                    }
-                    Err(e) => {
-                        warn!(err = %e, "cannot register a passthrough backing file");
-                        drop(map);
-                        self.disable("the kernel refused a backing file");
-                        return self.cached(ino);
-                    }
-                },
+            match open_backing() {
+                Ok(id) => {
+                    let b = Arc::new(Backing { id, key });
+                    st.backing = Arc::downgrade(&b);
+                    return Ok(IoMode::Passthrough(b));
+                }
+                Err(e) => {
+                    warn!(err = %e, "cannot register a passthrough backing file");
+                    drop(map);
+                    self.disable("the kernel refused a backing file");
+                    return Ok(self.cached(ino));
+                }
             }
         }
-        if live.is_some() {
-            return IoMode::Direct;
-        }
         st.cached += 1;
-        IoMode::Cached
+        Ok(IoMode::Cached)
     }
 
     fn cached(&self, ino: u64) -> IoMode {
         let mut map = self.inodes.lock();
         let st = map.entry(ino).or_default();
-        if st.backing.upgrade().is_some() {
-            return IoMode::Direct;
-        }
         st.cached += 1;
         IoMode::Cached
     }
