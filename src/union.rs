@@ -300,7 +300,8 @@ impl Union {
         let mut lower_dirs = Vec::new();
         let mut first_lower_st: Option<Stat> = None;
         let mut lower_obj: Option<(LowerRef, Stat)> = None;
-        for c in candidates {
+        let last = candidates.len().saturating_sub(1);
+        for (i, c) in candidates.into_iter().enumerate() {
             let (pp, base) = split_last(&c.path);
             let dfd = match self.layers.lower_dir(c.layer, pp) {
                 Ok(f) => f,
@@ -324,9 +325,11 @@ impl Union {
             if first_lower_st.is_none() {
                 first_lower_st = Some(st);
             }
-            let opaque = whiteout::read_dir_marks(dfd.as_fd(), Some(OsStr::from_bytes(base)))
-                .map(|m| m.opaque)
-                .unwrap_or(false);
+            // Opaqueness only matters if there is a layer below to hide.
+            let opaque = i < last
+                && whiteout::read_dir_marks(dfd.as_fd(), Some(OsStr::from_bytes(base)))
+                    .map(|m| m.opaque)
+                    .unwrap_or(false);
             lower_dirs.push(c);
             if opaque {
                 break;

@@ -752,3 +752,19 @@ fn passthrough_never_serves_a_stale_lower_file_after_copy_up() {
     write(f.m("cfg2"), "upper!");
     assert_eq!(read(f.m("cfg2")), "upper!");
 }
+
+#[test]
+fn opaque_and_whiteouts_inside_lower_layers() {
+    // A lower layer that was once an upper: its whiteouts and opaque
+    // directories hide what lies below it.
+    let mut f = Fixture::new();
+    write(f.l2.join("d/hidden"), "h");
+    write(f.l2.join("gone"), "g");
+    write(f.l1.join("d/seen"), "s");
+    lsetxattr(&f.l1.join("d"), "trusted.overlay.opaque", b"y").unwrap();
+    sh(&format!("mknod {} c 0 0", f.l1.join("gone").display()));
+    f.mount();
+    assert_eq!(names(f.m("d")), ["seen"]);
+    assert!(!f.m("gone").exists());
+    assert!(!names(&f.mnt).contains(&"gone".to_string()));
+}
