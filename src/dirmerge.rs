@@ -215,9 +215,4 @@ impl Listings {
     pub fn invalidate(&self, dir: u64) {
         self.inner.lock().current.remove(&dir);
     }
-
-    /// Everything changed (rollback of the whole overlay).
-    pub fn invalidate_all(&self) {
-        self.inner.lock().current.clear();
-    }
 }

@@ -73,19 +73,11 @@ impl<T> Handles<T> {
         self.shards[fh as usize % SHARDS].lock().remove(&fh)
     }
 
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
-    }
-
     /// First handle matching `pred` (a scan: for rare paths only).
     pub fn find(&self, pred: impl Fn(&T) -> bool) -> Option<Arc<T>> {
         self.shards
             .iter()
             .find_map(|s| s.lock().values().find(|v| pred(v)).cloned())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

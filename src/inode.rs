@@ -170,22 +170,6 @@ impl InodeTable {
             }
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// All live nodes (for cache invalidation after a whole-tree change).
-    pub fn all(&self) -> Vec<Arc<Node>> {
-        self.shards
-            .iter()
-            .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
-            .collect()
-    }
 }
 
 #[cfg(test)]

@@ -87,14 +87,6 @@ impl<K: std::hash::Hash + Eq + Clone> FdCache<K> {
     pub fn clear(&self) {
         self.map.lock().clear();
     }
-
-    pub fn len(&self) -> usize {
-        self.map.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 pub struct Layers {
@@ -104,8 +96,6 @@ pub struct Layers {
     /// `workdir/work`: copy-ups and whiteout swaps are built here, then renamed.
     work: Option<OwnedFd>,
     lower_dirs: FdCache<(u8, Vec<u8>)>,
-    pub lower_paths: Vec<PathBuf>,
-    pub upper_path: Option<PathBuf>,
 }
 
 fn open_dir(role: &'static str, path: &Path) -> Result<OwnedFd, LayerError> {
@@ -180,8 +170,6 @@ impl Layers {
             upper,
             work,
             lower_dirs: FdCache::new(384),
-            lower_paths: opts.lowers.clone(),
-            upper_path: opts.upper.clone(),
         })
     }
 
@@ -236,10 +224,6 @@ impl Layers {
         )?);
         self.lower_dirs.insert(key, fd.clone());
         Ok(fd)
-    }
-
-    pub fn cached_lower_dirs(&self) -> usize {
-        self.lower_dirs.len()
     }
 }
 

@@ -638,14 +638,6 @@ pub fn makedev(major: u32, minor: u32) -> u64 {
     libc::makedev(major, minor)
 }
 
-pub fn major(dev: u64) -> u32 {
-    libc::major(dev)
-}
-
-pub fn minor(dev: u64) -> u32 {
-    libc::minor(dev)
-}
-
 /// Block SIGTERM, SIGINT and SIGHUP in this thread and every thread started
 /// after it, so that one dedicated thread can wait for them with `wait_signal`.
 pub fn block_term_signals() -> io::Result<()> {
