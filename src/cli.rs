@@ -16,6 +16,8 @@ Options for -o (comma-separated; the syntax of kernel overlayfs):
   workdir=W            scratch directory on the same filesystem as U (required with U)
   threads=N            request threads (default: 2 per CPU, 4..16)
   passthrough=on|off   kernel FUSE passthrough for file data (default on)
+  volatile             do not sync copied-up data to disk (as kernel overlayfs's volatile;
+                       faster, but a power loss may leave a copied-up file incomplete)
   fsname=NAME          source name shown in /proc/mounts
   rw, ro, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, dirsync
                        generic mount flags, honoured

@@ -64,6 +64,7 @@ pub fn copy_up(u: &Union, node: &Node, with_data: bool) -> io::Result<()> {
         work,
         &tmp,
         with_data && !node.is_dir(),
+        !u.volatile,
     );
     let result = built.and_then(|()| {
         if !node.is_dir() && sst.st_nlink <= 1 {
@@ -107,6 +108,7 @@ fn build_copy(
     work: BorrowedFd<'_>,
     tmp: &OsStr,
     with_data: bool,
+    sync: bool,
 ) -> io::Result<()> {
     let fmt = fmt_of(sst);
     let perm = sst.st_mode & 0o7777;
@@ -128,8 +130,10 @@ fn build_copy(
                 .or_else(|_| {
                     sys::openat(src_dir, src_name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
                 })?;
-                copy_data(src.as_fd(), dst.as_fd(), sst.st_size as u64)?;
-                sys::fsync(dst.as_fd(), false)?;
+                copy_data(src.as_fd(), dst.as_fd(), sst.st_size as u64, sync)?;
+                if sync {
+                    sys::fsync(dst.as_fd(), false)?;
+                }
             }
         }
         libc::S_IFDIR => sys::mkdirat(work, tmp, 0o700)?,
@@ -198,7 +202,12 @@ pub fn copy_xattrs(
 
 /// Copy file data: reflink when the filesystems allow it, else
 /// copy_file_range over data extents only (holes stay holes), else read/write.
-pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+pub fn copy_data(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    size: u64,
+    sync: bool,
+) -> io::Result<()> {
     if sys::ficlone(dst, src).is_ok() {
         return Ok(());
     }
@@ -213,7 +222,7 @@ pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> io::Res
             .map(|h| h as u64)
             .unwrap_or(size)
             .min(size);
-        copy_range(src, dst, data, hole - data)?;
+        copy_range(src, dst, data, hole - data, sync)?;
         off = hole;
     }
     // Extends the file over a trailing hole.
@@ -225,6 +234,7 @@ fn copy_range(
     dst: BorrowedFd<'_>,
     mut off: u64,
     mut len: u64,
+    sync: bool,
 ) -> io::Result<()> {
     let mut use_cfr = true;
     let mut buf = Vec::new();
@@ -236,7 +246,9 @@ fn copy_range(
             match sys::copy_file_range(src, off, dst, off, chunk) {
                 Ok(0) => return Ok(()), // source shrank; nothing more to copy
                 Ok(n) => {
-                    sys::start_writeback(dst, off, n as u64);
+                    if sync {
+                        sys::start_writeback(dst, off, n as u64);
+                    }
                     off += n as u64;
                     len -= n as u64;
                     continue;

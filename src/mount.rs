@@ -169,7 +169,10 @@ fn report(ready: &mut Option<OwnedFd>, msg: &str) {
 fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Result<()> {
     let result = (|| {
         let read_only = req.options.read_only();
-        let union = Arc::new(Union::new(layers, read_only).context("cannot read the upper layer")?);
+        let union = Arc::new(
+            Union::new(layers, read_only, req.options.volatile)
+                .context("cannot read the upper layer")?,
+        );
         // The caller's mode arrives already masked by the kernel; take it as is.
         sys::set_umask(0);
         sys::block_term_signals()?;

@@ -56,6 +56,9 @@ pub struct MountOptions {
     pub threads: usize,
     /// Use kernel FUSE passthrough for file data when the kernel supports it.
     pub passthrough: bool,
+    /// Kernel overlayfs's `volatile`: copy-ups are not synced to disk (faster;
+    /// after a power loss a copied-up file may be incomplete).
+    pub volatile: bool,
 }
 
 /// Most lower layers: inode numbers carry the layer index in their top bits.
@@ -137,6 +140,7 @@ impl MountOptions {
         let mut fsname = None;
         let mut threads = 0usize;
         let mut passthrough = true;
+        let mut volatile = false;
 
         for s in option_strings {
             for opt in split_opts(s.as_ref()) {
@@ -188,6 +192,7 @@ impl MountOptions {
                         }
                     }
                     "passthrough" => passthrough = on_off(&name, &need(&value)?)?,
+                    "volatile" => volatile = true,
                     "fsname" => fsname = Some(need(&value)?),
                     // Generic flags (mount(8), mount.fuse); honoured.
                     "ro" => flags.ro = true,
@@ -280,6 +285,7 @@ impl MountOptions {
             fsname,
             threads,
             passthrough,
+            volatile,
         })
     }
 
@@ -312,6 +318,12 @@ mod tests {
     fn generic_flags_honoured() {
         let o = MountOptions::parse(&["lowerdir=/a,nodev,nosuid,noexec,ro", "rw"]).unwrap();
         assert!(o.flags.nodev && o.flags.nosuid && o.flags.noexec && !o.flags.ro);
+        assert!(!o.volatile);
+        assert!(
+            MountOptions::parse(&["lowerdir=/a,volatile"])
+                .unwrap()
+                .volatile
+        );
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct Union {
     locks: Vec<Mutex<()>>,
     tmp_counter: AtomicU64,
     read_only: bool,
+    /// Copy-ups are not fsynced (the `volatile` option).
+    pub volatile: bool,
     pub listings: crate::dirmerge::Listings,
 }
 
@@ -81,7 +83,7 @@ fn not_found(e: &io::Error) -> bool {
 }
 
 impl Union {
-    pub fn new(layers: Layers, read_only: bool) -> io::Result<Union> {
+    pub fn new(layers: Layers, read_only: bool, volatile: bool) -> io::Result<Union> {
         let nl = layers.nlowers();
         let root_upper = layers.upper_root().is_some();
         let u = Union {
@@ -91,6 +93,7 @@ impl Union {
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             tmp_counter: AtomicU64::new(0),
             read_only,
+            volatile,
             listings: Default::default(),
         };
         let impure = match u.layers.upper_root() {

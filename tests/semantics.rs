@@ -768,3 +768,20 @@ fn opaque_and_whiteouts_inside_lower_layers() {
     assert!(!f.m("gone").exists());
     assert!(!names(&f.mnt).contains(&"gone".to_string()));
 }
+
+#[test]
+fn volatile_mount_copies_up_the_same_way() {
+    let mut f = Fixture::new();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(f.l1.join("big"), &data).unwrap();
+    f.mount_with(&format!("{},volatile", f.opts()));
+    OpenOptions::new()
+        .append(true)
+        .open(f.m("big"))
+        .unwrap()
+        .write_all(b"+")
+        .unwrap();
+    let got = fs::read(f.u("big")).unwrap();
+    assert_eq!(&got[..data.len()], &data[..]);
+    assert_eq!(got.len(), data.len() + 1);
+}
