@@ -83,10 +83,6 @@ impl<K: std::hash::Hash + Eq + Clone> FdCache<K> {
     pub fn remove(&self, k: &K) {
         self.map.lock().remove(k);
     }
-
-    pub fn clear(&self) {
-        self.map.lock().clear();
-    }
 }
 
 pub struct Layers {

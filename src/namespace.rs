@@ -474,11 +474,11 @@ fn rename_nodes(
     let src_lower_here = u.lower_has(&p1st, name)?;
     let dst_lower_here = u.lower_has(&p2st, newname)?;
 
+    if src.is_dir() {
+        mark_moved_dir(src, pfd1.as_fd(), name, dst_lower_here)?;
+    }
     if exchange {
         let d = dst.ok_or_else(|| errno(libc::ENOENT))?;
-        if src.is_dir() {
-            mark_moved_dir(src, pfd1.as_fd(), name, dst_lower_here)?;
-        }
         if d.is_dir() {
             mark_moved_dir(d, pfd2.as_fd(), newname, src_lower_here)?;
         }
@@ -493,9 +493,6 @@ fn rename_nodes(
         mark_impure(u, p2)?;
         set_name(d, p2.ino, newname, p1.ino, name);
     } else {
-        if src.is_dir() {
-            mark_moved_dir(src, pfd1.as_fd(), name, dst_lower_here)?;
-        }
         // What sits in the upper at the target: a whiteout or an empty merged
         // directory's leftovers must go first (rename cannot replace them).
         match sys::fstatat(pfd2.as_fd(), newname) {
@@ -508,9 +505,9 @@ fn rename_nodes(
                     newname,
                     sys::RENAME_EXCHANGE,
                 )?;
-                if src_lower_here {
-                    // The old name keeps hiding the lower object: the whiteout is already there.
-                } else {
+                // Where a lower object is at the old name, the swapped-out
+                // whiteout keeps hiding it; otherwise it goes.
+                if !src_lower_here {
                     sys::unlinkat(pfd1.as_fd(), name, false)?;
                 }
                 finish_rename(u, p1, name, p2, newname, src, dst)?;

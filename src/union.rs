@@ -27,16 +27,6 @@ pub struct Ctx {
     pub pid: u32,
 }
 
-impl Ctx {
-    pub fn root() -> Ctx {
-        Ctx {
-            uid: 0,
-            gid: 0,
-            pid: 0,
-        }
-    }
-}
-
 /// What a lookup found for one name.
 #[derive(Debug, Clone)]
 pub struct Probe {
@@ -116,10 +106,6 @@ impl Union {
             unlinked: false,
         });
         Ok(u)
-    }
-
-    pub fn read_only(&self) -> bool {
-        self.read_only
     }
 
     pub fn check_writable(&self) -> io::Result<()> {

@@ -135,13 +135,6 @@ pub fn set_redirect(
     sys::lsetxattr(dir, name, XATTR_REDIRECT, &v, 0)
 }
 
-pub fn clear_redirect(dir: BorrowedFd<'_>, name: Option<&OsStr>) -> io::Result<()> {
-    match sys::lremovexattr(dir, name, XATTR_REDIRECT) {
-        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
-        r => r,
-    }
-}
-
 pub fn encode_origin(ino: u64) -> [u8; 9] {
     let mut b = [0u8; 9];
     b[0] = ORIGIN_VERSION;
