@@ -33,6 +33,17 @@ pub struct OpenFile {
     pub exec: bool,
     /// The file may carry setuid/setgid bits that a write must clear.
     pub maybe_suid: AtomicBool,
+    /// Writable handles: who opened it and the file's size and mtime then,
+    /// so release can journal one coalesced write record.
+    pub watch: Option<WriteWatch>,
+}
+
+/// What a writable handle looked like when opened (see `OpenFile::watch`).
+#[derive(Debug, Clone, Copy)]
+pub struct WriteWatch {
+    pub who: crate::journal::Who,
+    pub size: i64,
+    pub mtime: (i64, i64),
 }
 
 const SHARDS: usize = 16;
@@ -78,6 +89,14 @@ impl<T> Handles<T> {
         self.shards
             .iter()
             .find_map(|s| s.lock().values().find(|v| pred(v)).cloned())
+    }
+
+    /// Every open handle matching `pred`.
+    pub fn filter(&self, pred: impl Fn(&T) -> bool) -> Vec<Arc<T>> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.lock().values().filter(|v| pred(v)).cloned().collect::<Vec<_>>())
+            .collect()
     }
 }
 
@@ -140,6 +159,7 @@ pub fn open(u: &Union, ctx: &Ctx, node: &Node, flags: i32) -> io::Result<OpenFil
         append: flags & libc::O_APPEND != 0,
         exec: false,
         maybe_suid: AtomicBool::new(suid),
+        watch: None,
     })
 }
 

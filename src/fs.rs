@@ -22,7 +22,8 @@ use tracing::info;
 use crate::attrs::{self, SetAttr};
 use crate::cache::CachePolicy;
 use crate::dirmerge::{self, offset_of, DirEnt};
-use crate::files::{self, Handles, OpenFile};
+use crate::files::{self, Handles, OpenFile, WriteWatch};
+use crate::journal::{Journal, Op, Who};
 use crate::inode::ROOT_INO;
 use crate::iomode::{IoMode, IoModes};
 use crate::namespace::{self, NewObject};
@@ -36,7 +37,9 @@ pub struct LayerFs {
     pub union: Arc<Union>,
     cache: CachePolicy,
     io: IoModes,
-    files: Handles<OpenFile>,
+    /// Shared with the control service (open writers matter to checkpoints).
+    pub files: Arc<Handles<OpenFile>>,
+    journal: Option<Arc<Journal>>,
     /// Files open for execution, by inode: O_TRUNC on them is ETXTBSY. The
     /// kernel checks write opens itself but with atomic O_TRUNC it truncates
     /// (through us) before checking, so we must refuse first.
@@ -44,12 +47,18 @@ pub struct LayerFs {
 }
 
 impl LayerFs {
-    pub fn new(union: Arc<Union>, cache: CachePolicy, passthrough: bool) -> Self {
+    pub fn new(
+        union: Arc<Union>,
+        cache: CachePolicy,
+        passthrough: bool,
+        journal: Option<Arc<Journal>>,
+    ) -> Self {
         LayerFs {
             union,
             cache,
             io: IoModes::new(passthrough),
-            files: Handles::default(),
+            files: Arc::new(Handles::default()),
+            journal,
             executing: Mutex::new(HashMap::new()),
         }
     }
@@ -57,6 +66,14 @@ impl LayerFs {
 
 fn ctx(req: &Request) -> Ctx {
     Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn who(req: &Request) -> Who {
+    Who {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
@@ -131,6 +148,55 @@ fn timespec(t: TimeOrNow) -> TimeSpec {
 }
 
 impl LayerFs {
+    /// Journal a change to `name` in `parent` (done after it succeeded).
+    fn note(
+        &self,
+        who: Who,
+        op: Op,
+        parent: u64,
+        name: &OsStr,
+        path2: Option<Vec<u8>>,
+        detail: Option<String>,
+    ) {
+        if let Some(j) = &self.journal {
+            if let Some(p) = self.union.path_in(parent, name) {
+                j.record(who, op, &p, path2.as_deref(), detail);
+            }
+        }
+    }
+
+    /// Journal a change to the object `ino`.
+    fn note_ino(&self, who: Who, op: Op, ino: u64, detail: Option<String>) {
+        if let Some(j) = &self.journal {
+            if let Some(p) = self.union.path_of(ino) {
+                j.record(who, op, &p, None, detail);
+            }
+        }
+    }
+
+    /// A writable handle closes: one record for all its writes, if any.
+    fn note_release(&self, f: &OpenFile) {
+        let (Some(w), Some(_)) = (&f.watch, &self.journal) else {
+            return;
+        };
+        if let Ok(st) = sys::fstat(f.fd.as_fd()) {
+            if st.st_size != w.size || (st.st_mtime, st.st_mtime_nsec) != w.mtime {
+                let detail = format!("size {} -> {}", w.size, st.st_size);
+                self.note_ino(w.who, Op::Write, f.ino, Some(detail));
+            }
+        }
+    }
+
+    fn watch(&self, req: &Request, fd: &std::os::fd::OwnedFd) -> Option<WriteWatch> {
+        self.journal.as_ref()?;
+        let st = sys::fstat(fd.as_fd()).ok()?;
+        Some(WriteWatch {
+            who: who(req),
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+        })
+    }
+
     fn entry(&self, reply: ReplyEntry, r: io::Result<(Arc<crate::inode::Node>, Stat)>) {
         match r {
             Ok((_, st)) => reply.entry_with_ttls(
@@ -235,6 +301,7 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _gate = self.union.gate.read();
         match self.union.lookup(parent.0, name) {
             // A negative entry the kernel may cache: repeated lookups of
             // missing names (PATH searches, imports) stay in the kernel.
@@ -247,11 +314,21 @@ impl Filesystem for LayerFs {
         }
     }
 
+    fn destroy(&mut self) {
+        // Unmounted cleanly: the next mount need not look for unrecorded changes.
+        if let Some(j) = &self.journal {
+            if let Err(e) = j.meta_put(crate::journal::META_CLEAN, Some(b"1")) {
+                tracing::warn!(err = %e, "cannot mark the journal clean");
+            }
+        }
+    }
+
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.union.inodes.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _gate = self.union.gate.read();
         let r = (|| {
             if let Some(fh) = fh {
                 if let Ok(f) = self.files.get(fh.0) {
@@ -296,6 +373,7 @@ impl Filesystem for LayerFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _gate = self.union.gate.read();
         let r = (|| {
             let node = self.union.node(ino.0)?;
             let f = match fh {
@@ -324,6 +402,23 @@ impl Filesystem for LayerFs {
                 },
             )
         })();
+        if r.is_ok() {
+            let w = who(req);
+            if let Some(s) = size {
+                self.note_ino(w, Op::Truncate, ino.0, Some(format!("size {s}")));
+            }
+            if let Some(m) = mode {
+                self.note_ino(w, Op::Chmod, ino.0, Some(format!("mode {:04o}", m & 0o7777)));
+            }
+            if uid.is_some() || gid.is_some() {
+                let show = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
+                let d = format!("owner {}:{}", show(uid), show(gid));
+                self.note_ino(w, Op::Chown, ino.0, Some(d));
+            }
+            if atime.is_some() || mtime.is_some() {
+                self.note_ino(w, Op::Utimes, ino.0, None);
+            }
+        }
         match r {
             Ok(st) => reply.attr(&self.cache.attr_ttl, &to_attr(&st)),
             Err(e) => reply.error(err(e)),
@@ -331,6 +426,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _gate = self.union.gate.read();
         let r = (|| {
             let node = self.union.node(ino.0)?;
             let loc = self.union.loc(&node)?;
@@ -352,6 +448,7 @@ impl Filesystem for LayerFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _gate = self.union.gate.read();
         let r = namespace::create(
             &self.union,
             &ctx(req),
@@ -363,6 +460,10 @@ impl Filesystem for LayerFs {
             },
         )
         .map(|(n, st, _)| (n, st));
+        if r.is_ok() {
+            let d = format!("mode {:06o} rdev {rdev}", mode);
+            self.note(who(req), Op::Mknod, parent.0, name, None, Some(d));
+        }
         self.entry(reply, r);
     }
 
@@ -375,6 +476,7 @@ impl Filesystem for LayerFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _gate = self.union.gate.read();
         let r = namespace::create(
             &self.union,
             &ctx(req),
@@ -383,19 +485,37 @@ impl Filesystem for LayerFs {
             NewObject::Dir { mode },
         )
         .map(|(n, st, _)| (n, st));
+        if r.is_ok() {
+            self.note(who(req), Op::Mkdir, parent.0, name, None, None);
+        }
         self.entry(reply, r);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _gate = self.union.gate.read();
+        // The name is gone afterwards: resolve the path first.
+        let path = self.union.path_in(parent.0, name);
         match namespace::unlink(&self.union, parent.0, name) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                if let (Some(j), Some(p)) = (&self.journal, path) {
+                    j.record(who(req), Op::Unlink, &p, None, None);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(err(e)),
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _gate = self.union.gate.read();
+        let path = self.union.path_in(parent.0, name);
         match namespace::rmdir(&self.union, parent.0, name) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                if let (Some(j), Some(p)) = (&self.journal, path) {
+                    j.record(who(req), Op::Rmdir, &p, None, None);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -408,6 +528,7 @@ impl Filesystem for LayerFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _gate = self.union.gate.read();
         let r = namespace::create(
             &self.union,
             &ctx(req),
@@ -418,12 +539,16 @@ impl Filesystem for LayerFs {
             },
         )
         .map(|(n, st, _)| (n, st));
+        if r.is_ok() {
+            let d = format!("-> {}", target.display());
+            self.note(who(req), Op::Symlink, parent.0, link_name, None, Some(d));
+        }
         self.entry(reply, r);
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -431,6 +556,7 @@ impl Filesystem for LayerFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _gate = self.union.gate.read();
         match namespace::rename(
             &self.union,
             parent.0,
@@ -439,26 +565,35 @@ impl Filesystem for LayerFs {
             newname,
             flags.bits(),
         ) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                let to = self.union.path_in(newparent.0, newname);
+                let d = (flags.bits() & libc::RENAME_EXCHANGE != 0).then(|| "exchange".to_string());
+                self.note(who(req), Op::Rename, parent.0, name, to, d);
+                reply.ok()
+            }
             Err(e) => reply.error(err(e)),
         }
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.entry(
-            reply,
-            namespace::link(&self.union, ino.0, newparent.0, newname),
-        );
+        let _gate = self.union.gate.read();
+        let target = self.union.path_of(ino.0);
+        let r = namespace::link(&self.union, ino.0, newparent.0, newname);
+        if r.is_ok() {
+            self.note(who(req), Op::Link, newparent.0, newname, target, None);
+        }
+        self.entry(reply, r);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _gate = self.union.gate.read();
         let exec = flags.0 & FMODE_EXEC != 0;
         let r = (|| {
             let node = self.union.node(ino.0)?;
@@ -469,6 +604,12 @@ impl Filesystem for LayerFs {
         })();
         match r {
             Ok(mut f) => {
+                if f.writable {
+                    f.watch = self.watch(req, &f.fd);
+                    if flags.0 & libc::O_TRUNC != 0 {
+                        self.note_ino(who(req), Op::Truncate, ino.0, Some("open O_TRUNC".into()));
+                    }
+                }
                 if exec {
                     f.exec = true;
                     *self.executing.lock().entry(ino.0).or_insert(0) += 1;
@@ -515,6 +656,7 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _gate = self.union.gate.read();
         match self
             .files
             .get(fh.0)
@@ -537,6 +679,7 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _gate = self.union.gate.read();
         let r = (|| {
             let f = self.files.get(fh.0)?;
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
@@ -574,7 +717,9 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _gate = self.union.gate.read();
         if let Some(f) = self.files.remove(fh.0) {
+            self.note_release(&f);
             self.io.release(f.ino, &f.mode);
             self.release_exec(&f);
         }
@@ -589,6 +734,7 @@ impl Filesystem for LayerFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _gate = self.union.gate.read();
         match self
             .files
             .get(fh.0)
@@ -615,6 +761,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _gate = self.union.gate.read();
         let (snap, entries, from) = match self.snapshot(ino.0, offset) {
             Ok(s) => s,
             Err(e) => return reply.error(err(e)),
@@ -638,6 +785,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _gate = self.union.gate.read();
         let (snap, entries, from) = match self.snapshot(ino.0, offset) {
             Ok(s) => s,
             Err(e) => return reply.error(err(e)),
@@ -688,6 +836,7 @@ impl Filesystem for LayerFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _gate = self.union.gate.read();
         let r = (|| {
             let node = self.union.node(ino.0)?;
             if !node.state.read().upper {
@@ -704,6 +853,7 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _gate = self.union.gate.read();
         let root = self
             .union
             .layers
@@ -726,7 +876,7 @@ impl Filesystem for LayerFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -734,10 +884,15 @@ impl Filesystem for LayerFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _gate = self.union.gate.read();
         let r = self
             .union
             .node(ino.0)
             .and_then(|n| attrs::setxattr(&self.union, &n, name.as_bytes(), value, flags));
+        if r.is_ok() {
+            let d = Some(name.to_string_lossy().into_owned());
+            self.note_ino(who(req), Op::Setxattr, ino.0, d);
+        }
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -745,6 +900,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _gate = self.union.gate.read();
         let r = self
             .union
             .node(ino.0)
@@ -753,6 +909,7 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _gate = self.union.gate.read();
         let r = self
             .union
             .node(ino.0)
@@ -760,11 +917,16 @@ impl Filesystem for LayerFs {
         xattr_reply(reply, r, size);
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _gate = self.union.gate.read();
         let r = self
             .union
             .node(ino.0)
             .and_then(|n| attrs::removexattr(&self.union, &n, name.as_bytes()));
+        if r.is_ok() {
+            let d = Some(name.to_string_lossy().into_owned());
+            self.note_ino(who(req), Op::Removexattr, ino.0, d);
+        }
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -781,6 +943,7 @@ impl Filesystem for LayerFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _gate = self.union.gate.read();
         let r = namespace::create(
             &self.union,
             &ctx(req),
@@ -790,6 +953,8 @@ impl Filesystem for LayerFs {
         );
         match r {
             Ok((node, st, Some(fd))) => {
+                self.note(who(req), Op::Create, parent.0, name, None, None);
+                let watch = self.watch(req, &fd);
                 let direct = flags & libc::O_DIRECT != 0;
                 let suid = st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0;
                 let key = match sys::fstat(fd.as_fd()) {
@@ -813,6 +978,7 @@ impl Filesystem for LayerFs {
                     append: flags & libc::O_APPEND != 0,
                     exec: false,
                     maybe_suid: suid.into(),
+                    watch,
                 }));
                 let attr = to_attr(&st);
                 let ttl = self.cache.attr_ttl;
@@ -840,20 +1006,25 @@ impl Filesystem for LayerFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _gate = self.union.gate.read();
         match self
             .files
             .get(fh.0)
             .and_then(|f| sys::fallocate(f.fd.as_fd(), mode, offset, length))
         {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                let d = format!("mode {mode:#x} offset {offset} length {length}");
+                self.note_ino(who(req), Op::Fallocate, ino.0, Some(d));
+                reply.ok()
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -867,6 +1038,7 @@ impl Filesystem for LayerFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _gate = self.union.gate.read();
         match self
             .files
             .get(fh.0)

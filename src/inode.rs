@@ -154,6 +154,14 @@ impl InodeTable {
         node
     }
 
+    /// Every node the kernel currently knows.
+    pub fn all(&self) -> Vec<Arc<Node>> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Drop `n` kernel references; the node goes when none are left.
     pub fn forget(&self, ino: u64, n: u64) {
         if ino == ROOT_INO {

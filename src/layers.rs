@@ -80,6 +80,11 @@ impl<K: std::hash::Hash + Eq + Clone> FdCache<K> {
         m.insert(k, (fd, t));
     }
 
+    /// Forget every descriptor (after a rollback replaced directories).
+    pub fn clear(&self) {
+        self.map.lock().clear();
+    }
+
     pub fn remove(&self, k: &K) {
         self.map.lock().remove(k);
     }

@@ -3,17 +3,21 @@
 
 pub mod attrs;
 pub mod cache;
+pub mod checkpoint;
 pub mod cli;
+pub mod control;
 pub mod copyup;
 pub mod dirmerge;
 pub mod files;
 pub mod fs;
 pub mod inode;
 pub mod iomode;
+pub mod journal;
 pub mod layers;
 pub mod mount;
 pub mod namespace;
 pub mod options;
+pub mod store;
 pub mod sys;
 pub mod union;
 pub mod whiteout;

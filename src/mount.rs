@@ -177,7 +177,21 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
         sys::set_umask(0);
         sys::block_term_signals()?;
         let config = fuse_config(&req.options, read_only);
-        let fs = LayerFs::new(union, CachePolicy::default(), req.options.passthrough);
+        let journal = if read_only {
+            None
+        } else {
+            Some(open_journal(&req.options)?)
+        };
+        let fs = LayerFs::new(
+            union.clone(),
+            CachePolicy::default(),
+            req.options.passthrough,
+            journal.clone(),
+        );
+        let history = match &journal {
+            Some(j) => Some(open_history(&req, union.clone(), fs.files.clone(), j.clone())?),
+            None => None,
+        };
         let session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| {
             anyhow!(
                 "cannot mount on '{}': {e}{}",
@@ -189,9 +203,32 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
                 }
             )
         })?;
-        Ok::<_, anyhow::Error>(session)
+        let server = match history {
+            Some((cps, svc_path)) => {
+                cps.set_kernel(Box::new(KernelCaches(session.notifier())));
+                let svc = crate::control::service::Service {
+                    mountpoint: std::fs::canonicalize(&req.mountpoint)
+                        .unwrap_or_else(|_| req.mountpoint.clone()),
+                    lowers: req.options.lowers.clone(),
+                    upper: req.options.upper.clone(),
+                    statedir: state_dir(&req.options),
+                    journal: journal.clone().ok_or_else(|| anyhow!("no journal"))?,
+                    checkpoints: cps,
+                };
+                let mut access = crate::control::server::Access::root_only();
+                access.gid = req.options.control_gid;
+                let h = crate::control::server::spawn(&svc_path, Arc::new(svc), access)
+                    .with_context(|| {
+                        format!("cannot serve the control socket '{}'", svc_path.display())
+                    })?;
+                info!(socket = %svc_path.display(), "control socket ready");
+                Some(h)
+            }
+            None => None,
+        };
+        Ok::<_, anyhow::Error>((session, server))
     })();
-    let mut session = match result {
+    let (mut session, _server) = match result {
         Ok(s) => s,
         Err(e) => {
             report(&mut ready, &format!("{e:#}"));
@@ -228,6 +265,71 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
     session.run().context("FUSE session ended with an error")?;
     info!("layerfs unmounted");
     Ok(())
+}
+
+/// The state directory: `statedir=`, else `workdir/layerfs` (on the overlay
+/// partition, outside the union, next to kernel overlayfs's `work`).
+pub fn state_dir(opts: &MountOptions) -> Option<PathBuf> {
+    opts.statedir
+        .clone()
+        .or_else(|| opts.work.as_ref().map(|w| w.join("layerfs")))
+}
+
+fn open_journal(opts: &MountOptions) -> Result<Arc<crate::journal::Journal>> {
+    let dir = state_dir(opts).ok_or_else(|| anyhow!("no state directory"))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the state directory '{}'", dir.display()))?;
+    let db = crate::journal::open_db(&dir.join("db"))?;
+    let j = Arc::new(crate::journal::Journal::new(db)?);
+    Ok(j)
+}
+
+/// Checkpoints over the journal; finishes an interrupted rollback and
+/// repairs the journal after a crash, before the union serves anything.
+fn open_history(
+    req: &MountRequest,
+    union: Arc<Union>,
+    files: Arc<crate::files::Handles<crate::files::OpenFile>>,
+    journal: Arc<crate::journal::Journal>,
+) -> Result<(Arc<crate::checkpoint::Checkpoints>, PathBuf)> {
+    let dir = state_dir(&req.options).ok_or_else(|| anyhow!("no state directory"))?;
+    let fd = sys::open_root(&dir)
+        .with_context(|| format!("cannot open the state directory '{}'", dir.display()))?;
+    let cps = crate::checkpoint::Checkpoints::open(
+        union,
+        files,
+        journal.clone(),
+        std::os::fd::AsFd::as_fd(&fd),
+        req.options.retention.clone(),
+    )
+    .with_context(|| format!("cannot open the checkpoint store in '{}'", dir.display()))?;
+    cps.recover().context("cannot finish an interrupted rollback")?;
+    let clean = journal.meta_get(crate::journal::META_CLEAN)?.is_some();
+    if !clean {
+        cps.repair_journal()
+            .context("cannot check the upper layer against the journal")?;
+    }
+    // Until a clean unmount says otherwise, the next mount must check.
+    journal.meta_put(crate::journal::META_CLEAN, None)?;
+    let sock = req
+        .options
+        .control
+        .clone()
+        .unwrap_or_else(|| crate::control::socket_path_for(&req.mountpoint));
+    Ok((Arc::new(cps), sock))
+}
+
+/// The kernel's caches, told to forget entries after a rollback.
+struct KernelCaches(fuser::Notifier);
+
+impl crate::checkpoint::Invalidate for KernelCaches {
+    fn entry(&self, parent: u64, name: &std::ffi::OsStr) {
+        // ENOENT: the kernel had nothing cached there; fine.
+        let _ = self.0.inval_entry(fuser::INodeNo(parent), name);
+    }
+    fn inode(&self, ino: u64) {
+        let _ = self.0.inval_inode(fuser::INodeNo(ino), 0, 0);
+    }
 }
 
 /// Tell systemd (Type=notify) that the union is serving.

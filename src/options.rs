@@ -59,6 +59,14 @@ pub struct MountOptions {
     /// Kernel overlayfs's `volatile`: copy-ups are not synced to disk (faster;
     /// after a power loss a copied-up file may be incomplete).
     pub volatile: bool,
+    /// Where the journal and checkpoints live (default `workdir/layerfs`).
+    pub statedir: Option<PathBuf>,
+    /// Control socket path (default `/run/layerfs/<escaped mountpoint>.sock`).
+    pub control: Option<PathBuf>,
+    /// Group whose members may use the control socket besides root.
+    pub control_gid: Option<u32>,
+    /// Retention applied after every checkpoint (none set: keep everything).
+    pub retention: crate::control::proto::Retention,
 }
 
 /// Most lower layers: inode numbers carry the layer index in their top bits.
@@ -141,6 +149,17 @@ impl MountOptions {
         let mut threads = 0usize;
         let mut passthrough = true;
         let mut volatile = false;
+        let mut statedir = None;
+        let mut control = None;
+        let mut control_gid = None;
+        let mut retention = crate::control::proto::Retention::default();
+        let count = |name: &str, v: String| -> Result<u32, OptionError> {
+            v.parse().map_err(|_| OptionError::BadValue {
+                name: name.into(),
+                value: v.clone(),
+                accepted: "a number",
+            })
+        };
 
         for s in option_strings {
             for opt in split_opts(s.as_ref()) {
@@ -193,6 +212,13 @@ impl MountOptions {
                     }
                     "passthrough" => passthrough = on_off(&name, &need(&value)?)?,
                     "volatile" => volatile = true,
+                    "statedir" => statedir = Some(PathBuf::from(need(&value)?)),
+                    "control" => control = Some(PathBuf::from(need(&value)?)),
+                    "control_gid" => control_gid = Some(count(&name, need(&value)?)?),
+                    "keep_last" => retention.keep_last = Some(count(&name, need(&value)?)?),
+                    "keep_hourly" => retention.keep_hourly = Some(count(&name, need(&value)?)?),
+                    "keep_daily" => retention.keep_daily = Some(count(&name, need(&value)?)?),
+                    "keep_weekly" => retention.keep_weekly = Some(count(&name, need(&value)?)?),
                     "fsname" => fsname = Some(need(&value)?),
                     // Generic flags (mount(8), mount.fuse); honoured.
                     "ro" => flags.ro = true,
@@ -286,6 +312,10 @@ impl MountOptions {
             threads,
             passthrough,
             volatile,
+            statedir,
+            control,
+            control_gid,
+            retention,
         })
     }
 

@@ -718,3 +718,114 @@ pub fn futimens(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io::Res
     // SAFETY: times points to 2 timespecs; a null path means the descriptor itself.
     check(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
 }
+
+/// Read all entries (without `.` and `..`) from an already open directory
+/// descriptor, from its current position. Unlike `read_dir_all` this keeps
+/// the caller's open flags (checkpoint capture lists with `O_NOATIME`, so
+/// taking a checkpoint does not change the directories it records).
+pub fn read_dir_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is writable for its length; getdents64 fills whole records.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut off = 0usize;
+        while off + 19 <= n as usize {
+            // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name...
+            let rec = &buf[off..n as usize];
+            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
+            let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
+            if reclen < 19 || reclen > rec.len() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let name_bytes = &rec[19..reclen];
+            let nlen = name_bytes
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(name_bytes.len());
+            let name = &name_bytes[..nlen];
+            if name != b"." && name != b".." {
+                out.push(DirEntry {
+                    ino,
+                    dtype: rec[18],
+                    name: name.to_vec(),
+                });
+            }
+            off += reclen;
+        }
+    }
+}
+
+/// SO_PEERCRED of a connected Unix socket: (pid, uid, gid) of the peer as
+/// they were when it connected (the kernel records them; the peer cannot lie).
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid out pointers; len holds cred's size.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((cred.pid, cred.uid, cred.gid))
+}
+
+/// SO_PEERGROUPS (Linux >= 4.13): the supplementary groups of the peer of a
+/// connected Unix socket at connect time (SO_PEERCRED only has the primary gid).
+pub fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: groups has room for len bytes; len is updated by the kernel.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // ERANGE: len now holds the size needed.
+        if e.raw_os_error() == Some(libc::ERANGE) && n > groups.len() && n <= 65536 {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// shutdown(2) a socket descriptor. On a listening Unix socket this wakes a
+/// thread blocked in accept(2) (it fails with EINVAL), which is how a server
+/// thread is stopped without a self-connection.
+pub fn shutdown_socket(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor.
+    check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) }).map(drop)
+}

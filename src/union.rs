@@ -58,6 +58,10 @@ pub struct Union {
     /// Copy-ups are not fsynced (the `volatile` option).
     pub volatile: bool,
     pub listings: crate::dirmerge::Listings,
+    /// Held shared by every FUSE request that reads or changes the union,
+    /// exclusively by checkpoint capture and rollback: they see (and make)
+    /// a state no request is halfway through.
+    pub gate: parking_lot::RwLock<()>,
 }
 
 pub fn fmt_of(st: &Stat) -> u32 {
@@ -85,6 +89,7 @@ impl Union {
             read_only,
             volatile,
             listings: Default::default(),
+            gate: parking_lot::RwLock::new(()),
         };
         let impure = match u.layers.upper_root() {
             Some(r) => whiteout::read_dir_marks(r, None)?.impure,
@@ -436,4 +441,114 @@ impl Union {
     pub fn dir_changed(&self, dir: &Node) {
         self.listings.invalidate(dir.ino);
     }
+
+    /// Union path of a node ("" for the root, no leading '/'), from the
+    /// names the inode table knows; None if it has no name any more.
+    pub fn path_of(&self, ino: u64) -> Option<Vec<u8>> {
+        let mut parts: Vec<OsString> = Vec::new();
+        let mut cur = ino;
+        // Bounded: a cycle would be a bug, never a hang.
+        for _ in 0..4096 {
+            if cur == ROOT_INO {
+                parts.reverse();
+                let mut out = Vec::new();
+                for (i, p) in parts.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'/');
+                    }
+                    out.extend_from_slice(p.as_bytes());
+                }
+                return Some(out);
+            }
+            let n = self.inodes.get(cur)?;
+            let st = n.state.read();
+            if st.unlinked {
+                return None;
+            }
+            parts.push(st.name.clone());
+            cur = st.parent;
+        }
+        None
+    }
+
+    /// Union path of `name` in directory `parent`.
+    pub fn path_in(&self, parent: u64, name: &OsStr) -> Option<Vec<u8>> {
+        let mut p = self.path_of(parent)?;
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(name.as_bytes());
+        Some(p)
+    }
+
+    /// The upper changed underneath the union (rollback, restore) at
+    /// `changed` (union paths, parents first): drop cached descriptors and
+    /// listings, re-probe every known node at or below a changed path, and
+    /// return what the kernel must forget: (parent, name) entries and inodes.
+    /// Called with the gate held exclusively.
+    pub fn revalidate(&self, changed: &[Vec<u8>]) -> Revalidated {
+        use crate::journal::under;
+        self.upper_dirs.clear();
+        let mut out = Revalidated::default();
+        let mut nodes: Vec<(Vec<u8>, Arc<Node>)> = self
+            .inodes
+            .all()
+            .into_iter()
+            .filter_map(|n| self.path_of(n.ino).map(|p| (p, n)))
+            .collect();
+        // Parents before children: a child's probe reads its parent's state.
+        nodes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut by_path: std::collections::HashMap<Vec<u8>, u64> = Default::default();
+        for (p, n) in &nodes {
+            by_path.insert(p.clone(), n.ino);
+            let hit = changed.iter().any(|c| under(p, c) || under(c, p));
+            if !hit {
+                continue;
+            }
+            self.listings.invalidate(n.ino);
+            out.inodes.push(n.ino);
+            if n.ino == ROOT_INO {
+                if let Some(r) = self.layers.upper_root() {
+                    if let Ok(m) = whiteout::read_dir_marks(r, None) {
+                        n.state.write().impure = m.impure;
+                    }
+                }
+                continue;
+            }
+            let (parent, name) = {
+                let st = n.state.read();
+                (st.parent, st.name.clone())
+            };
+            let fresh = self
+                .node(parent)
+                .ok()
+                .and_then(|pn| self.probe_in(&pn, &name).ok().flatten());
+            let mut st = n.state.write();
+            match fresh {
+                Some(p) if p.ino == n.ino && p.fmt == n.fmt => {
+                    st.upper = p.upper;
+                    st.lower = p.lower;
+                    st.lower_dirs = p.lower_dirs;
+                    st.impure = p.impure;
+                }
+                // Gone, or another object now: the kernel looks the name up afresh.
+                _ => st.unlinked = true,
+            }
+        }
+        for c in changed {
+            let (pp, name) = crate::layers::split_last(c);
+            if let Some(pino) = by_path.get(pp) {
+                out.entries
+                    .push((*pino, OsStr::from_bytes(name).to_os_string()));
+            }
+        }
+        out
+    }
+}
+
+/// Kernel cache entries to invalidate after `Union::revalidate`.
+#[derive(Debug, Default)]
+pub struct Revalidated {
+    pub entries: Vec<(u64, OsString)>,
+    pub inodes: Vec<u64>,
 }

@@ -22,7 +22,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 step "system packages"
-need=(fuse3 fuse-overlayfs attr acl e2fsprogs util-linux procps psmisc kmod python3 gcc libc6-dev pkg-config)
+need=(fuse3 fuse-overlayfs attr acl e2fsprogs util-linux procps psmisc kmod python3 gcc g++ libc6-dev pkg-config libclang-dev clang)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,0 +1,722 @@
+//! The change journal: every change that passes through the union, with who
+//! made it, kept in RocksDB in the mount's state directory.
+//!
+//! Records are written synchronously (RocksDB's WAL, no fsync) after the
+//! change succeeded in the upper, under the union's gate, so a checkpoint
+//! that holds the gate sees a journal that exactly explains the upper. A
+//! `kill -9` between a change and its record is repaired at the next mount
+//! (`repair`). Writes are coalesced: one record per file per open-to-close.
+//!
+//! Storage (column families): `journal`: seq (u64 BE) -> record (v1, BE);
+//! `by_path`: path ++ 0 ++ seq (BE) -> empty, for path-prefix queries;
+//! `meta`: small state (clean-shutdown marker, checkpoint head).
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, DB};
+use tracing::{error, warn};
+
+use crate::control::proto::{JournalQuery, JournalRecord};
+
+pub const CF_JOURNAL: &str = "journal";
+pub const CF_BY_PATH: &str = "by_path";
+pub const CF_META: &str = "meta";
+pub const CF_CHECKPOINTS: &str = "checkpoints";
+
+const RECORD_VERSION: u8 = 1;
+
+/// What happened. The numbers are stored: never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Create = 1,
+    Mkdir = 2,
+    Mknod = 3,
+    Symlink = 4,
+    Link = 5,
+    Write = 6,
+    Truncate = 7,
+    Fallocate = 8,
+    Unlink = 9,
+    Rmdir = 10,
+    Rename = 11,
+    Chmod = 12,
+    Chown = 13,
+    Utimes = 14,
+    Setxattr = 15,
+    Removexattr = 16,
+    Rollback = 17,
+    Restore = 18,
+    Recovered = 19,
+}
+
+const OPS: [Op; 19] = [
+    Op::Create,
+    Op::Mkdir,
+    Op::Mknod,
+    Op::Symlink,
+    Op::Link,
+    Op::Write,
+    Op::Truncate,
+    Op::Fallocate,
+    Op::Unlink,
+    Op::Rmdir,
+    Op::Rename,
+    Op::Chmod,
+    Op::Chown,
+    Op::Utimes,
+    Op::Setxattr,
+    Op::Removexattr,
+    Op::Rollback,
+    Op::Restore,
+    Op::Recovered,
+];
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Mkdir => "mkdir",
+            Op::Mknod => "mknod",
+            Op::Symlink => "symlink",
+            Op::Link => "link",
+            Op::Write => "write",
+            Op::Truncate => "truncate",
+            Op::Fallocate => "fallocate",
+            Op::Unlink => "unlink",
+            Op::Rmdir => "rmdir",
+            Op::Rename => "rename",
+            Op::Chmod => "chmod",
+            Op::Chown => "chown",
+            Op::Utimes => "utimes",
+            Op::Setxattr => "setxattr",
+            Op::Removexattr => "removexattr",
+            Op::Rollback => "rollback",
+            Op::Restore => "restore",
+            Op::Recovered => "recovered",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Op> {
+        OPS.iter().copied().find(|o| o.name() == s)
+    }
+
+    fn from_u8(v: u8) -> Option<Op> {
+        OPS.iter().copied().find(|o| *o as u8 == v)
+    }
+
+    /// Does this change replace what is below the path wholesale (so a
+    /// checkpoint must re-read the whole subtree), or only the object itself?
+    pub fn deep(self) -> bool {
+        matches!(
+            self,
+            Op::Mkdir | Op::Rename | Op::Rmdir | Op::Rollback | Op::Restore | Op::Recovered
+        )
+    }
+}
+
+/// Who made a change.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Who {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// A record as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub time_ns: i64,
+    pub op: Op,
+    /// Union path without the leading '/', "" for the root.
+    pub path: Vec<u8>,
+    pub path2: Option<Vec<u8>>,
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+    pub comm: Vec<u8>,
+    pub detail: Option<String>,
+}
+
+fn put_bytes16(o: &mut Vec<u8>, b: &[u8]) {
+    let n = b.len().min(u16::MAX as usize);
+    o.extend_from_slice(&(n as u16).to_be_bytes());
+    o.extend_from_slice(&b[..n]);
+}
+
+fn put_bytes32(o: &mut Vec<u8>, b: &[u8]) {
+    o.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    o.extend_from_slice(b);
+}
+
+fn corrupt(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("corrupt journal record: {what}"),
+    )
+}
+
+struct Rd<'a>(&'a [u8]);
+
+impl<'a> Rd<'a> {
+    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(corrupt("truncated"));
+        }
+        let (h, t) = self.0.split_at(n);
+        self.0 = t;
+        Ok(h)
+    }
+    fn arr<const N: usize>(&mut self) -> io::Result<[u8; N]> {
+        self.take(N)?.try_into().map_err(|_| corrupt("short"))
+    }
+    fn b16(&mut self) -> io::Result<Vec<u8>> {
+        let n = u16::from_be_bytes(self.arr()?) as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn b32(&mut self) -> io::Result<Vec<u8>> {
+        let n = u32::from_be_bytes(self.arr()?) as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+}
+
+impl Record {
+    /// v1: version u8, time_ns i64, op u8, uid u32, gid u32, pid u32,
+    /// comm (u16 len), path (u32 len), flags u8 (1: path2, 2: detail),
+    /// [path2 (u32 len)], [detail (u32 len, UTF-8)]. Big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut o = Vec::with_capacity(48 + self.path.len());
+        o.push(RECORD_VERSION);
+        o.extend_from_slice(&self.time_ns.to_be_bytes());
+        o.push(self.op as u8);
+        o.extend_from_slice(&self.uid.to_be_bytes());
+        o.extend_from_slice(&self.gid.to_be_bytes());
+        o.extend_from_slice(&self.pid.to_be_bytes());
+        put_bytes16(&mut o, &self.comm);
+        put_bytes32(&mut o, &self.path);
+        let flags = u8::from(self.path2.is_some()) | (u8::from(self.detail.is_some()) << 1);
+        o.push(flags);
+        if let Some(p) = &self.path2 {
+            put_bytes32(&mut o, p);
+        }
+        if let Some(d) = &self.detail {
+            put_bytes32(&mut o, d.as_bytes());
+        }
+        o
+    }
+
+    pub fn decode(seq: u64, b: &[u8]) -> io::Result<Record> {
+        let mut r = Rd(b);
+        let [v] = r.arr::<1>()?;
+        if v != RECORD_VERSION {
+            return Err(corrupt(&format!("unknown version {v}")));
+        }
+        let time_ns = i64::from_be_bytes(r.arr()?);
+        let [op] = r.arr::<1>()?;
+        let op = Op::from_u8(op).ok_or_else(|| corrupt("unknown operation"))?;
+        let uid = u32::from_be_bytes(r.arr()?);
+        let gid = u32::from_be_bytes(r.arr()?);
+        let pid = u32::from_be_bytes(r.arr()?);
+        let comm = r.b16()?;
+        let path = r.b32()?;
+        let [flags] = r.arr::<1>()?;
+        let path2 = if flags & 1 != 0 { Some(r.b32()?) } else { None };
+        let detail = if flags & 2 != 0 {
+            Some(String::from_utf8_lossy(&r.b32()?).into_owned())
+        } else {
+            None
+        };
+        Ok(Record {
+            seq,
+            time_ns,
+            op,
+            path,
+            path2,
+            uid,
+            gid,
+            pid,
+            comm,
+            detail,
+        })
+    }
+
+    pub fn to_api(&self) -> JournalRecord {
+        JournalRecord {
+            seq: self.seq,
+            time_ns: self.time_ns,
+            op: self.op.name().into(),
+            path: show_path(&self.path),
+            path2: self.path2.as_deref().map(show_path),
+            uid: self.uid,
+            gid: self.gid,
+            pid: self.pid,
+            comm: String::from_utf8_lossy(&self.comm).into_owned(),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+/// "/etc/hosts" from b"etc/hosts".
+pub fn show_path(p: &[u8]) -> String {
+    format!("/{}", String::from_utf8_lossy(p))
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Process names by pid, read from /proc and kept briefly: a build or an
+/// untar makes thousands of changes from one process, and a pid is not
+/// reused within a second in practice.
+struct CommCache {
+    map: Mutex<HashMap<u32, (Vec<u8>, Instant)>>,
+}
+
+const COMM_TTL: Duration = Duration::from_secs(1);
+
+impl CommCache {
+    fn get(&self, pid: u32) -> Vec<u8> {
+        if pid == 0 {
+            return b"kernel".to_vec();
+        }
+        let now = Instant::now();
+        if let Some((c, t)) = self.map.lock().get(&pid) {
+            if now.duration_since(*t) < COMM_TTL {
+                return c.clone();
+            }
+        }
+        let comm = std::fs::read(format!("/proc/{pid}/comm"))
+            .map(|mut c| {
+                while c.last() == Some(&b'\n') {
+                    c.pop();
+                }
+                c
+            })
+            .unwrap_or_else(|_| b"?".to_vec());
+        let mut m = self.map.lock();
+        if m.len() > 4096 {
+            m.retain(|_, (_, t)| now.duration_since(*t) < COMM_TTL);
+        }
+        m.insert(pid, (comm.clone(), now));
+        comm
+    }
+}
+
+pub struct Journal {
+    db: Arc<DB>,
+    /// Serialises seq assignment with the write, so records become visible
+    /// in sequence order (a follower never skips a hole that fills later).
+    write_lock: Mutex<()>,
+    last: AtomicU64,
+    /// Wakes followers when a record is written.
+    notify: (Mutex<u64>, Condvar),
+    comms: CommCache,
+    failed: AtomicBool,
+}
+
+fn db_err(e: rocksdb::Error) -> io::Error {
+    let s = e.to_string();
+    if s.contains("No space left") {
+        return io::Error::from_raw_os_error(libc::ENOSPC);
+    }
+    io::Error::other(format!("journal database: {s}"))
+}
+
+/// Open (or create) the state database in `dir`.
+pub fn open_db(dir: &Path) -> io::Result<Arc<DB>> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Small footprint: the overlay partition and the guest are small.
+    opts.set_write_buffer_size(4 << 20);
+    opts.set_max_write_buffer_number(2);
+    opts.set_max_open_files(128);
+    opts.set_keep_log_file_num(2);
+    opts.set_max_total_wal_size(32 << 20);
+    opts.set_compression_type(rocksdb::DBCompressionType::None);
+    let cfs = [CF_JOURNAL, CF_BY_PATH, CF_META, CF_CHECKPOINTS]
+        .iter()
+        .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+    let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
+        io::Error::other(format!(
+            "cannot open the state database in '{}': {e}",
+            dir.display()
+        ))
+    })?;
+    Ok(Arc::new(db))
+}
+
+pub fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn path_key(path: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(path.len() + 9);
+    k.extend_from_slice(path);
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+const MAX_LIMIT: u64 = 100_000;
+
+/// Meta key present while no daemon has the journal open uncleanly.
+pub const META_CLEAN: &str = "clean";
+
+impl Journal {
+    pub fn new(db: Arc<DB>) -> io::Result<Journal> {
+        let cf = db
+            .cf_handle(CF_JOURNAL)
+            .ok_or_else(|| io::Error::other("journal column family missing"))?;
+        let last = match db.iterator_cf(&cf, IteratorMode::End).next() {
+            Some(Ok((k, _))) => u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
+            Some(Err(e)) => return Err(db_err(e)),
+            None => 0,
+        };
+        Ok(Journal {
+            db,
+            write_lock: Mutex::new(()),
+            last: AtomicU64::new(last),
+            notify: (Mutex::new(last), Condvar::new()),
+            comms: CommCache {
+                map: Mutex::new(HashMap::new()),
+            },
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    /// Highest sequence number written (0: none).
+    pub fn last_seq(&self) -> u64 {
+        self.last.load(Ordering::Acquire)
+    }
+
+    /// A journal write failed since the mount (disk full, I/O error).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Record a change. Never fails the caller's operation (the change is
+    /// already made): a failed write is logged and shown in `status`.
+    pub fn record(
+        &self,
+        who: Who,
+        op: Op,
+        path: &[u8],
+        path2: Option<&[u8]>,
+        detail: Option<String>,
+    ) {
+        let comm = self.comms.get(who.pid);
+        let rec = Record {
+            seq: 0,
+            time_ns: now_ns(),
+            op,
+            path: path.to_vec(),
+            path2: path2.map(|p| p.to_vec()),
+            uid: who.uid,
+            gid: who.gid,
+            pid: who.pid,
+            comm,
+            detail,
+        };
+        if let Err(e) = self.append(rec) {
+            if !self.failed.swap(true, Ordering::Relaxed) {
+                error!(err = %e, "cannot write the change journal; changes are not being recorded");
+            }
+        }
+    }
+
+    /// Append a record (its `seq` is assigned here); returns the seq.
+    pub fn append(&self, mut rec: Record) -> io::Result<u64> {
+        let _g = self.write_lock.lock();
+        let seq = self.last.load(Ordering::Relaxed) + 1;
+        rec.seq = seq;
+        let (Some(j), Some(p)) = (
+            self.db.cf_handle(CF_JOURNAL),
+            self.db.cf_handle(CF_BY_PATH),
+        ) else {
+            return Err(io::Error::other("journal column families missing"));
+        };
+        let mut b = WriteBatch::default();
+        b.put_cf(&j, seq_key(seq), rec.encode());
+        b.put_cf(&p, path_key(&rec.path, seq), []);
+        if let Some(p2) = &rec.path2 {
+            b.put_cf(&p, path_key(p2, seq), []);
+        }
+        self.db.write(b).map_err(db_err)?;
+        self.last.store(seq, Ordering::Release);
+        let (m, cv) = &self.notify;
+        *m.lock() = seq;
+        cv.notify_all();
+        Ok(seq)
+    }
+
+    pub fn get(&self, seq: u64) -> io::Result<Option<Record>> {
+        let cf = self
+            .db
+            .cf_handle(CF_JOURNAL)
+            .ok_or_else(|| io::Error::other("journal column family missing"))?;
+        match self.db.get_cf(&cf, seq_key(seq)).map_err(db_err)? {
+            Some(v) => Record::decode(seq, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Records with seq in `from..=to`, oldest first, calling `f` for each
+    /// until it returns false.
+    pub fn scan(
+        &self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(Record) -> bool,
+    ) -> io::Result<()> {
+        let cf = self
+            .db
+            .cf_handle(CF_JOURNAL)
+            .ok_or_else(|| io::Error::other("journal column family missing"))?;
+        let start = seq_key(from);
+        for item in self
+            .db
+            .iterator_cf(&cf, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item.map_err(db_err)?;
+            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt("key"))?);
+            if seq > to {
+                break;
+            }
+            match Record::decode(seq, &v) {
+                Ok(r) => {
+                    if !f(r) {
+                        break;
+                    }
+                }
+                Err(e) => warn!(seq, err = %e, "skipping a corrupt journal record"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Answer a query (see `JournalQuery`).
+    pub fn query(&self, q: &JournalQuery) -> io::Result<Vec<Record>> {
+        let limit = q.limit.unwrap_or(1000).clamp(1, MAX_LIMIT) as usize;
+        let ops: Vec<Op> = q
+            .ops
+            .iter()
+            .map(|o| {
+                Op::from_name(o).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("unknown operation '{o}' (known: {})", op_names()),
+                    )
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        let prefix: Option<Vec<u8>> = q
+            .path_prefix
+            .as_ref()
+            .map(|p| p.trim_matches('/').as_bytes().to_vec());
+        let matches = |r: &Record| -> bool {
+            if q.from_seq.is_some_and(|s| r.seq < s)
+                || q.since_ns.is_some_and(|t| r.time_ns < t)
+                || q.until_ns.is_some_and(|t| r.time_ns > t)
+                || q.uid.is_some_and(|u| r.uid != u)
+                || (!ops.is_empty() && !ops.contains(&r.op))
+                || q.comm.as_ref().is_some_and(|c| c.as_bytes() != r.comm)
+            {
+                return false;
+            }
+            match &prefix {
+                None => true,
+                Some(p) => {
+                    under(&r.path, p) || r.path2.as_ref().is_some_and(|p2| under(p2, p))
+                }
+            }
+        };
+        let mut out = Vec::new();
+        match &prefix {
+            // The path index narrows the scan to records that name the prefix.
+            Some(p) if !p.is_empty() => {
+                let cf = self
+                    .db
+                    .cf_handle(CF_BY_PATH)
+                    .ok_or_else(|| io::Error::other("path index missing"))?;
+                let mut seqs = Vec::new();
+                for item in self
+                    .db
+                    .iterator_cf(&cf, IteratorMode::From(p, Direction::Forward))
+                {
+                    let (k, _) = item.map_err(db_err)?;
+                    if !k.starts_with(p) {
+                        break;
+                    }
+                    if k.len() < 9 {
+                        continue;
+                    }
+                    let (path, tail) = k.split_at(k.len() - 9);
+                    if tail[0] != 0 || !under(path, p) {
+                        continue;
+                    }
+                    seqs.push(u64::from_be_bytes(tail[1..].try_into().unwrap_or([0; 8])));
+                }
+                seqs.sort_unstable();
+                seqs.dedup();
+                for s in seqs {
+                    if let Some(r) = self.get(s)? {
+                        if matches(&r) {
+                            out.push(r);
+                            if out.len() >= limit {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {
+                self.scan(q.from_seq.unwrap_or(1), u64::MAX, |r| {
+                    if matches(&r) {
+                        out.push(r);
+                    }
+                    out.len() < limit
+                })?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Wait until a record after `seq` exists or `timeout` passes.
+    pub fn wait_after(&self, seq: u64, timeout: Duration) {
+        let (m, cv) = &self.notify;
+        let mut g = m.lock();
+        if *g <= seq {
+            cv.wait_for(&mut g, timeout);
+        }
+    }
+
+    pub fn meta_get(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
+        let cf = self
+            .db
+            .cf_handle(CF_META)
+            .ok_or_else(|| io::Error::other("meta column family missing"))?;
+        self.db.get_cf(&cf, key.as_bytes()).map_err(db_err)
+    }
+
+    /// Durable (synced) write of a meta key; `None` deletes it.
+    pub fn meta_put(&self, key: &str, value: Option<&[u8]>) -> io::Result<()> {
+        let cf = self
+            .db
+            .cf_handle(CF_META)
+            .ok_or_else(|| io::Error::other("meta column family missing"))?;
+        let mut b = WriteBatch::default();
+        match value {
+            Some(v) => b.put_cf(&cf, key.as_bytes(), v),
+            None => b.delete_cf(&cf, key.as_bytes()),
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(b, &wo).map_err(db_err)
+    }
+}
+
+/// `path` is `prefix` or below it ("" is the root: everything).
+pub fn under(path: &[u8], prefix: &[u8]) -> bool {
+    prefix.is_empty()
+        || (path.starts_with(prefix) && (path.len() == prefix.len() || path[prefix.len()] == b'/'))
+}
+
+pub fn op_names() -> String {
+    OPS.iter().map(|o| o.name()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(op: Op, path: &str) -> Record {
+        Record {
+            seq: 0,
+            time_ns: 1,
+            op,
+            path: path.as_bytes().to_vec(),
+            path2: None,
+            uid: 1000,
+            gid: 100,
+            pid: 42,
+            comm: b"vi".to_vec(),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn record_known_bytes_and_roundtrip() {
+        let mut r = rec(Op::Rename, "a");
+        r.path2 = Some(b"b".to_vec());
+        r.detail = Some("x".into());
+        let e = r.encode();
+        // version, then time_ns = 1 big-endian, then op 11.
+        assert_eq!(&e[..10], &[1, 0, 0, 0, 0, 0, 0, 0, 1, 11]);
+        let mut d = Record::decode(0, &e).unwrap();
+        d.seq = 0;
+        assert_eq!(d, r);
+        assert!(Record::decode(0, &e[..e.len() - 1]).is_err());
+        let mut v2 = e.clone();
+        v2[0] = 9;
+        assert!(Record::decode(0, &v2).is_err());
+    }
+
+    #[test]
+    fn append_query_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::new(open_db(dir.path()).unwrap()).unwrap();
+            j.append(rec(Op::Create, "etc/hosts")).unwrap();
+            j.append(rec(Op::Write, "etc/hosts")).unwrap();
+            j.append(rec(Op::Mkdir, "etcx")).unwrap();
+            j.append(rec(Op::Unlink, "var/log/x")).unwrap();
+            assert_eq!(j.last_seq(), 4);
+        }
+        let j = Journal::new(open_db(dir.path()).unwrap()).unwrap();
+        assert_eq!(j.last_seq(), 4);
+        let q = JournalQuery {
+            path_prefix: Some("/etc".into()),
+            ..Default::default()
+        };
+        let r = j.query(&q).unwrap();
+        assert_eq!(r.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+        let q = JournalQuery {
+            ops: vec!["unlink".into()],
+            ..Default::default()
+        };
+        assert_eq!(j.query(&q).unwrap()[0].path, b"var/log/x");
+        let q = JournalQuery {
+            ops: vec!["nope".into()],
+            ..Default::default()
+        };
+        assert!(j.query(&q).is_err());
+        let q = JournalQuery {
+            from_seq: Some(3),
+            limit: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(j.query(&q).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn under_prefix() {
+        assert!(under(b"etc/hosts", b"etc"));
+        assert!(under(b"etc", b"etc"));
+        assert!(!under(b"etcx", b"etc"));
+        assert!(under(b"anything", b""));
+    }
+}
