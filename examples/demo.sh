@@ -11,8 +11,9 @@ if [ "$(id -u)" != 0 ]; then echo "run as root" >&2; exit 2; fi
 for p in fuse3 attr; do
   dpkg -s "$p" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 attr; break; }
 done
-[ -x target/release/layerfs ] || cargo build --release --locked -p layerfs
+[ -x target/release/layerfs ] && [ -x target/release/layerfs-ctl ] || cargo build --release --locked -p layerfs
 LAYERFS="$root/target/release/layerfs"
+CTL="$root/target/release/layerfs-ctl -m $D/server"
 export RUST_LOG=${RUST_LOG:-warn}
 
 show() { printf '\n\033[1m$ %s\033[0m\n' "$*"; eval "$@"; }
@@ -57,5 +58,27 @@ echo; echo "# 5. The overlay alone is this server's state; unmount and mount aga
 show "umount $D/server"
 show "$LAYERFS -o lowerdir=$D/repo/webapp:$D/repo/base,upperdir=$D/overlay/upper,workdir=$D/overlay/work $D/server"
 show "cat $D/server/etc/webapp/app.conf; ls $D/server/etc/webapp/ $D/server/srv"
+
+echo; echo "# 6. Every change is journaled: what, when, by which user and process."
+show "$CTL log"
+
+echo; echo "# 7. A checkpoint of this server's state, then a bad change."
+show "$CTL checkpoint create --name baseline --message 'approved configuration'"
+show "sed -i 's/workers = 16/workers = 0/' $D/server/etc/webapp/app.conf"
+show "rm $D/server/etc/sshd_config"
+show "echo 'rogue' > $D/server/etc/webapp/debug.conf"
+show "$CTL log --since 1m --path /etc"
+show "$CTL checkpoint diff baseline"
+
+echo; echo "# 8. Roll back while mounted: the union is the checkpoint again; the bad state is kept."
+show "$CTL rollback baseline"
+show "cat $D/server/etc/webapp/app.conf; ls $D/server/etc $D/server/etc/webapp"
+show "$CTL checkpoint list"
+
+echo; echo "# 9. Roll forward: the rollback saved the state before it as a checkpoint."
+saved=$($CTL --json checkpoint list | python3 -c 'import json,sys; print([c["name"] for c in json.load(sys.stdin) if c["name"].startswith("pre-rollback-")][-1])')
+show "$CTL rollback $saved"
+show "cat $D/server/etc/webapp/app.conf; ls $D/server/etc/webapp"
+show "$CTL rollback baseline && $CTL verify"
 show "umount $D/server"
 echo; echo "Demo done. Files are in $D."

@@ -65,6 +65,22 @@ struct CheckpointRec {
 struct Head {
     root: String,
     seq: u64,
+    /// Totals of `root` (so an incremental capture knows the new totals).
+    #[serde(default)]
+    totals: Option<[u64; 4]>,
+}
+
+fn pack(t: &capture::Totals) -> [u64; 4] {
+    [t.files, t.dirs, t.others, t.bytes]
+}
+
+fn unpack(a: [u64; 4]) -> capture::Totals {
+    capture::Totals {
+        files: a[0],
+        dirs: a[1],
+        others: a[2],
+        bytes: a[3],
+    }
 }
 
 /// A rollback or restore in progress.
@@ -280,7 +296,7 @@ impl Checkpoints {
 
     /// Capture the upper as it is now (gate held by the caller). Returns the
     /// root, the journal seq it includes, and the capture's totals.
-    fn capture_now(&self) -> Result<(Hash, u64, capture::CaptureStats), ApiError> {
+    fn capture_now(&self) -> Result<(Hash, u64, capture::Totals), ApiError> {
         let upper = self.upper()?;
         let seq = self.journal.last_seq();
         let head = self.head()?;
@@ -289,7 +305,14 @@ impl Checkpoints {
             None => (None, BTreeMap::new()),
         };
         let (root, stats) = capture::capture(&self.store, upper, base.as_ref(), &dirty)?;
-        Ok((root, seq, stats))
+        let base_totals = match (&head, &base) {
+            (Some(Head { totals: Some(t), .. }), _) => Some(unpack(*t)),
+            // A head written without totals: count its tree once.
+            (_, Some(b)) if !stats.complete => Some(capture::totals(&self.store, b)?),
+            _ => None,
+        };
+        let totals = stats.totals(base_totals).unwrap_or_default();
+        Ok((root, seq, totals))
     }
 
     fn unique_name(&self, prefix: &str) -> Result<String, ApiError> {
@@ -351,11 +374,11 @@ impl Checkpoints {
         let head = encode(&Head {
             root: rec.root.clone(),
             seq,
+            totals: Some(pack(&stats)),
         })?;
         self.commit(&[&rec], &[], &[(META_HEAD, Some(head))])?;
         let took_ms = ms(t0);
-        info!(checkpoint = %name, files = stats.files, stored = stats.stored_files,
-              hold_ms, took_ms, "checkpoint created");
+        info!(checkpoint = %name, files = stats.files, hold_ms, took_ms, "checkpoint created");
         if self.retention != Retention::default() {
             let policy = self.retention.clone();
             if let Err(e) = self.prune_locked(&policy) {
@@ -652,9 +675,11 @@ impl Checkpoints {
         // A full rollback makes the upper exactly the target; a restore
         // leaves the head where it was (its paths are now journaled as dirty).
         let head = if intent.only.is_none() {
+            let t = self.record(&intent.checkpoint).ok().map(|r| [r.files, r.dirs, r.others, r.bytes]);
             Some(encode(&Head {
                 root: intent.target.clone(),
                 seq,
+                totals: t,
             })?)
         } else {
             None

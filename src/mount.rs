@@ -177,7 +177,7 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
         sys::set_umask(0);
         sys::block_term_signals()?;
         let config = fuse_config(&req.options, read_only);
-        let journal = if read_only {
+        let journal = if read_only || !req.options.journal {
             None
         } else {
             Some(open_journal(&req.options)?)

@@ -59,6 +59,8 @@ pub struct MountOptions {
     /// Kernel overlayfs's `volatile`: copy-ups are not synced to disk (faster;
     /// after a power loss a copied-up file may be incomplete).
     pub volatile: bool,
+    /// Record changes in a journal and offer checkpoints (default on).
+    pub journal: bool,
     /// Where the journal and checkpoints live (default `workdir/layerfs`).
     pub statedir: Option<PathBuf>,
     /// Control socket path (default `/run/layerfs/<escaped mountpoint>.sock`).
@@ -150,6 +152,7 @@ impl MountOptions {
         let mut passthrough = true;
         let mut volatile = false;
         let mut statedir = None;
+        let mut journal = true;
         let mut control = None;
         let mut control_gid = None;
         let mut retention = crate::control::proto::Retention::default();
@@ -212,6 +215,7 @@ impl MountOptions {
                     }
                     "passthrough" => passthrough = on_off(&name, &need(&value)?)?,
                     "volatile" => volatile = true,
+                    "journal" => journal = on_off(&name, &need(&value)?)?,
                     "statedir" => statedir = Some(PathBuf::from(need(&value)?)),
                     "control" => control = Some(PathBuf::from(need(&value)?)),
                     "control_gid" => control_gid = Some(count(&name, need(&value)?)?),
@@ -312,6 +316,7 @@ impl MountOptions {
             threads,
             passthrough,
             volatile,
+            journal,
             statedir,
             control,
             control_gid,

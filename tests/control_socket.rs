@@ -110,6 +110,8 @@ impl Handler for TestHandler {
             Op::Follow { from_seq } => {
                 for s in from_seq..from_seq + 3 {
                     events(j(&record(s))).map_err(ApiError::from)?;
+                    // Not records: a follower must skip them.
+                    events(json!({ "heartbeat": s })).map_err(ApiError::from)?;
                 }
                 Ok(json!({"ended": true}))
             }
@@ -130,7 +132,11 @@ impl Handler for TestHandler {
                 if name == "slow" {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Ok(Value::Null)
+                Ok(j(&PruneReport {
+                    deleted: vec![name],
+                    kept: Vec::new(),
+                    freed_bytes: 4096,
+                }))
             }
             Op::CheckpointDiff { .. } => Ok(j(&vec![
                 DiffEntry {
@@ -192,7 +198,16 @@ impl Handler for TestHandler {
                 freed_bytes: 2048,
             })),
             Op::CheckpointCreate { .. } => panic!("test handler panics on purpose"),
-            Op::Restore { .. } => Err(ApiError::new(ErrorCode::ReadOnly, "read-only")),
+            Op::Restore { name, .. } if name == "ro" => {
+                Err(ApiError::new(ErrorCode::ReadOnly, "the mount is read-only"))
+            }
+            Op::Restore { name, paths } => Ok(j(&RollbackReport {
+                checkpoint: name,
+                saved_as: None,
+                changed_paths: paths.len() as u64,
+                hold_ms: 1.0,
+                took_ms: 2.0,
+            })),
         }
     }
 }
@@ -537,7 +552,9 @@ fn streaming_events_then_final_reply() {
     let mut seqs = Vec::new();
     let v = c
         .call_stream(Op::Follow { from_seq: 10 }, &mut |ev| {
-            seqs.push(ev["seq"].as_u64().unwrap());
+            if let Some(s) = ev.get("seq") {
+                seqs.push(s.as_u64().unwrap());
+            }
             true
         })
         .unwrap();
@@ -743,7 +760,10 @@ pre-rollback-1  2026-11-25T10:00:00Z      9  1.5 KiB  [auto]
     );
 
     let (code, out, _) = ctl(&env.sock, &["checkpoint", "delete", "old"]);
-    assert_eq!((code, out.as_str()), (0, "deleted checkpoint old\n"));
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "deleted checkpoint old (freed 4.0 KiB)\n")
+    );
 
     let (code, out, _) = ctl(&env.sock, &["rollback", "nightly"]);
     assert_eq!(code, 0);
@@ -756,8 +776,18 @@ pre-rollback-1  2026-11-25T10:00:00Z      9  1.5 KiB  [auto]
     // Handler errors map to exit codes: panic -> Internal -> 1; ReadOnly -> 1.
     let (code, _, err) = ctl(&env.sock, &["checkpoint", "create", "--name", "x"]);
     assert_eq!(code, 1, "{err}");
-    let (code, _, _) = ctl(&env.sock, &["restore", "nightly", "/etc/hosts"]);
+    let (code, _, err) = ctl(&env.sock, &["restore", "ro", "/etc/hosts"]);
     assert_eq!(code, 1);
+    assert_eq!(err, "layerfs-ctl: the mount is read-only\n");
+    let (code, out, err) = ctl(
+        &env.sock,
+        &["restore", "nightly", "/etc/hosts", "/etc/motd"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "restored from checkpoint nightly: 2 path(s) changed (writes held 1.0 ms, took 2.0 ms)\n"
+    );
 }
 
 #[test]

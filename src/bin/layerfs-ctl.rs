@@ -298,33 +298,23 @@ fn run(client: &mut Client, cmd: Cmd, json: bool) -> Result<i32, ClientError> {
             })
         }
         Cmd::Restore { name, paths } => {
-            let shown: Vec<String> = paths.iter().map(|p| clean(p)).collect();
-            let v = call_with_progress(
-                client,
-                Op::Restore {
-                    name: name.clone(),
-                    paths,
-                },
-            )?;
-            if json {
-                print_json(&v);
-                return Ok(0);
-            }
-            let mut s = format!(
-                "restored from checkpoint {}: {}\n",
-                clean(&name),
-                shown.join(", ")
-            );
-            if let Value::Object(m) = &v {
-                let pairs: Vec<(String, String)> = m
-                    .iter()
-                    .filter(|(_, x)| !x.is_object() && !x.is_array() && !x.is_null())
-                    .map(|(k, x)| (k.replace('_', " "), scalar(x)))
-                    .collect();
-                s.push_str(&render_pairs(&pairs));
-            }
-            out(&s);
-            Ok(0)
+            let v = call_with_progress(client, Op::Restore { name, paths })?;
+            show(json, v, |r: RollbackReport| {
+                let mut s = format!(
+                    "restored from checkpoint {}: {} path(s) changed (writes held {}, took {})\n",
+                    clean(&r.checkpoint),
+                    r.changed_paths,
+                    fmt_ms(r.hold_ms),
+                    fmt_ms(r.took_ms)
+                );
+                if let Some(saved) = &r.saved_as {
+                    s.push_str(&format!(
+                        "the state before is saved as checkpoint {}\n",
+                        clean(saved)
+                    ));
+                }
+                s
+            })
         }
         Cmd::Verify => {
             let v = call_with_progress(client, Op::Verify)?;
@@ -442,9 +432,14 @@ fn checkpoint(client: &mut Client, c: CheckpointCmd, json: bool) -> Result<i32, 
             let v = client.call(Op::CheckpointDelete { name: name.clone() })?;
             if json {
                 print_json(&v);
-            } else {
-                out(&format!("deleted checkpoint {}\n", clean(&name)));
+                return Ok(0);
             }
+            let mut s = format!("deleted checkpoint {}", clean(&name));
+            if let Ok(r) = serde_json::from_value::<PruneReport>(v) {
+                s.push_str(&format!(" (freed {})", fmt_bytes(r.freed_bytes)));
+            }
+            s.push('\n');
+            out(&s);
             Ok(0)
         }
     }
@@ -460,12 +455,14 @@ fn follow(client: &mut Client, from_seq: Option<u64>, json: bool) -> Result<i32,
     };
     let mut bad: Option<ClientError> = None;
     let mut on_event = |ev: Value| -> bool {
+        // Records come as they are (or wrapped as {"record": ...}); other
+        // events (heartbeats, progress) only keep the stream alive.
         let rec = match ev {
-            Value::Object(ref m) if m.contains_key("progress") => return true,
             Value::Object(mut m) if m.contains_key("record") => {
                 m.remove("record").unwrap_or_default()
             }
-            other => other,
+            Value::Object(m) if m.contains_key("seq") && m.contains_key("op") => Value::Object(m),
+            _ => return true,
         };
         if json {
             return emit(&format!("{rec}\n"));
@@ -740,13 +737,6 @@ fn pair(old: Option<String>, new: Option<String>) -> Option<String> {
 
 fn short_hash(h: &str) -> String {
     clean(&h.chars().take(12).collect::<String>())
-}
-
-fn scalar(v: &Value) -> String {
-    match v {
-        Value::String(s) => clean(s),
-        other => other.to_string(),
-    }
 }
 
 /// "key: value" lines with the values aligned.
@@ -1093,7 +1083,7 @@ mod tests {
         t.row(vec!["b".into(), "1234".into(), "".into()]);
         assert_eq!(
             t.render(),
-            "A          NUM  LAST\nlong-name     5  x\nb          1234\n"
+            "A           NUM  LAST\nlong-name     5  x\nb          1234\n"
         );
     }
 

@@ -30,7 +30,7 @@ use super::diff::{dir_hash, merge};
 use super::objects::ObjectStore;
 use super::tree::{Entry, Hash, Payload, Tree};
 use crate::copyup::copy_data;
-use crate::layers::{join, remove_tree};
+use crate::layers::{join, remove_tree, split_last};
 use crate::sys::{self, Stat, TimeSpec};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -73,7 +73,9 @@ pub fn apply(
         store,
         work,
         sync: opts.sync,
+        root: root.clone(),
         links: HashMap::new(),
+        building: None,
         changed: Vec::new(),
     };
     if current != Some(target) {
@@ -89,7 +91,14 @@ pub fn apply(
         }
     }
     if opts.sync {
-        sys::syncfs(root.as_fd())?;
+        // syncfs needs a real descriptor, not an O_PATH one.
+        let fd = sys::openat(
+            root.as_fd(),
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        sys::syncfs(fd.as_fd())?;
     }
     let mut changed = cx.changed;
     changed.sort();
@@ -109,9 +118,14 @@ struct Applier<'a> {
     store: &'a ObjectStore,
     work: Arc<OwnedFd>,
     sync: bool,
+    root: Arc<OwnedFd>,
     /// First object materialised in this run for each hard-link group: its
-    /// directory (descriptors follow renames), its name and its entry.
-    links: HashMap<u64, (Arc<OwnedFd>, Vec<u8>, Entry)>,
+    /// final path and its entry. A path, not a descriptor: a restore with
+    /// many groups must not run out of descriptors.
+    links: HashMap<u64, (Vec<u8>, Entry)>,
+    /// The object being built in work: its final path and its scratch name
+    /// (link sources below it are found there until it is renamed).
+    building: Option<(Vec<u8>, Vec<u8>)>,
     changed: Vec<Vec<u8>>,
 }
 
@@ -344,11 +358,13 @@ impl Applier<'_> {
         actual: Option<&Stat>,
     ) -> io::Result<()> {
         let work = self.work.clone();
-        let tmp = tmp_name();
-        let tmp = OsStr::from_bytes(&tmp);
+        let tmp_buf = tmp_name();
+        let tmp = OsStr::from_bytes(&tmp_buf);
+        self.building = Some((path.to_vec(), tmp_buf.clone()));
         let placed = self
-            .build(&work, tmp, path, t, false)
+            .build(work.as_fd(), tmp, path, t)
             .and_then(|()| put_in_place(work.as_fd(), tmp, dir.as_fd(), name, t, actual));
+        self.building = None;
         if let Err(e) = placed {
             if let Err(e2) = remove_tree(work.as_fd(), tmp) {
                 if !is_errno(&e2, libc::ENOENT) {
@@ -361,33 +377,21 @@ impl Applier<'_> {
             // A directory moved to another parent may get its times touched
             // by some filesystems: set them again.
             set_times(dir.as_fd(), name, t)?;
-        } else if t.link != 0 {
-            self.links
-                .entry(t.link)
-                .or_insert_with(|| (dir.clone(), name.as_bytes().to_vec(), t.clone()));
         }
         debug!(path = %String::from_utf8_lossy(path), "placed");
         Ok(())
     }
 
-    /// Create `t` as `name` in `dir` (a scratch place), with everything below
-    /// it. `register`: record it as its hard-link group's first member here
-    /// (not for scratch names, which are renamed afterwards).
-    fn build(
-        &mut self,
-        dir: &Arc<OwnedFd>,
-        name: &OsStr,
-        path: &[u8],
-        t: &Entry,
-        register: bool,
-    ) -> io::Result<()> {
+    /// Create `t` (final path `path`) as `name` in `d`, a scratch place,
+    /// with everything below it.
+    fn build(&mut self, d: BorrowedFd<'_>, name: &OsStr, path: &[u8], t: &Entry) -> io::Result<()> {
         fault_point()?;
-        let d = dir.as_fd();
         self.changed.push(path.to_vec());
         if t.link != 0 && !t.is_dir() {
-            if let Some((ld, ln, le)) = self.links.get(&t.link) {
+            if let Some((lp, le)) = self.links.get(&t.link) {
                 if same_object(le, t) {
-                    match sys::linkat(ld.as_fd(), OsStr::from_bytes(ln), d, name) {
+                    let (ld, ln) = self.link_source(lp)?;
+                    match sys::linkat(ld.as_fd(), OsStr::from_bytes(&ln), d, name) {
                         Ok(()) => return Ok(()),
                         // The first member went away or has too many links: copy.
                         Err(e) if is_errno(&e, libc::ENOENT) || is_errno(&e, libc::EMLINK) => {}
@@ -422,11 +426,11 @@ impl Applier<'_> {
             }
             Payload::Dir(h) => {
                 sys::mkdirat(d, name, 0o700)?;
-                let sub = Arc::new(open_dir(d, name)?);
+                let sub = open_dir(d, name)?;
                 let tree = self.store.read_tree(h)?;
                 for child in &tree.entries {
                     let cpath = join(path, &child.name);
-                    self.build(&sub, OsStr::from_bytes(&child.name), &cpath, child, true)
+                    self.build(sub.as_fd(), OsStr::from_bytes(&child.name), &cpath, child)
                         .map_err(|e| at_path(&cpath, e))?;
                 }
                 // After the children: a default ACL set earlier would be
@@ -452,12 +456,32 @@ impl Applier<'_> {
                 set_meta(d, name, t)?;
             }
         }
-        if register && t.link != 0 && !t.is_dir() {
+        if t.link != 0 && !t.is_dir() {
             self.links
                 .entry(t.link)
-                .or_insert_with(|| (dir.clone(), name.as_bytes().to_vec(), t.clone()));
+                .or_insert_with(|| (path.to_vec(), t.clone()));
         }
         Ok(())
+    }
+
+    /// Where the object built for final path `path` is now: its directory
+    /// and name, below the object under construction in work or in the upper.
+    fn link_source(&self, path: &[u8]) -> io::Result<(OwnedFd, Vec<u8>)> {
+        let (mut dir, rest) = match &self.building {
+            Some((top, tmp)) if path == top.as_slice() => {
+                return Ok((open_dir(self.work.as_fd(), OsStr::new("."))?, tmp.clone()));
+            }
+            Some((top, tmp)) if path.starts_with(top) && path.get(top.len()) == Some(&b'/') => (
+                open_dir(self.work.as_fd(), OsStr::from_bytes(tmp))?,
+                &path[top.len() + 1..],
+            ),
+            _ => (open_dir(self.root.as_fd(), OsStr::new("."))?, path),
+        };
+        let (parent, name) = split_last(rest);
+        for c in parent.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            dir = open_dir(dir.as_fd(), OsStr::from_bytes(c))?;
+        }
+        Ok((dir, name.to_vec()))
     }
 
     /// `only` mode: bring one path (and what is below it) to the target,
@@ -703,6 +727,12 @@ fn lsm_refused(attr: &[u8], e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::capture::capture;
+    use crate::store::diff::{diff, kind_name, lookup, ChangeKind};
+    use crate::store::objects::hex;
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
 
     #[test]
     fn only_paths_normalized() {
@@ -721,5 +751,570 @@ mod tests {
         assert!(normalize_only(&[b"a".to_vec(), b"/".to_vec()])
             .unwrap()
             .is_none());
+    }
+
+    /// An upper, its workdir/work and an object store, all on one filesystem.
+    struct Fx {
+        dir: tempfile::TempDir,
+        upper: OwnedFd,
+        work: OwnedFd,
+        store: ObjectStore,
+    }
+
+    impl Fx {
+        fn new() -> Fx {
+            let dir = tempfile::tempdir().unwrap();
+            for d in ["upper", "workdir", "workdir/work", "state"] {
+                std::fs::create_dir(dir.path().join(d)).unwrap();
+            }
+            let upper = sys::open_root(&dir.path().join("upper")).unwrap();
+            let work = sys::open_root(&dir.path().join("workdir/work")).unwrap();
+            let state = sys::open_root(&dir.path().join("state")).unwrap();
+            let store = ObjectStore::open(state.as_fd()).unwrap();
+            Fx {
+                dir,
+                upper,
+                work,
+                store,
+            }
+        }
+
+        fn p(&self, rel: &str) -> PathBuf {
+            self.dir.path().join("upper").join(rel)
+        }
+
+        /// Parent directory descriptor and last component of `rel`.
+        fn at(&self, rel: &str) -> (OwnedFd, PathBuf) {
+            let p = self.p(rel);
+            let fd = sys::open_root(p.parent().unwrap()).unwrap();
+            (fd, PathBuf::from(p.file_name().unwrap()))
+        }
+
+        fn capture(&self) -> Hash {
+            capture(&self.store, self.upper.as_fd(), None, &BTreeMap::new())
+                .unwrap()
+                .0
+        }
+
+        fn try_apply(
+            &self,
+            cur: Option<&Hash>,
+            tgt: &Hash,
+            only: Option<&[&str]>,
+        ) -> io::Result<Vec<Vec<u8>>> {
+            let only: Option<Vec<Vec<u8>>> =
+                only.map(|o| o.iter().map(|s| s.as_bytes().to_vec()).collect());
+            apply(
+                &self.store,
+                self.upper.as_fd(),
+                self.work.as_fd(),
+                cur,
+                tgt,
+                only.as_deref(),
+                &ApplyOptions { sync: true },
+            )
+        }
+
+        fn apply(&self, cur: Option<&Hash>, tgt: &Hash, only: Option<&[&str]>) -> Vec<String> {
+            let changed = self.try_apply(cur, tgt, only).unwrap();
+            assert!(self.work_is_empty(), "scratch objects left in work");
+            let mut sorted = changed.clone();
+            sorted.sort();
+            assert_eq!(changed, sorted);
+            changed
+                .into_iter()
+                .map(|p| String::from_utf8(p).unwrap())
+                .collect()
+        }
+
+        fn work_is_empty(&self) -> bool {
+            sys::read_dir_all(self.work.as_fd()).unwrap().is_empty()
+        }
+
+        fn write(&self, rel: &str, data: &[u8]) {
+            std::fs::write(self.p(rel), data).unwrap();
+        }
+        fn mkdir(&self, rel: &str) {
+            std::fs::create_dir(self.p(rel)).unwrap();
+        }
+        fn symlink(&self, target: &str, rel: &str) {
+            symlink(target, self.p(rel)).unwrap();
+        }
+        fn link(&self, old: &str, new: &str) {
+            std::fs::hard_link(self.p(old), self.p(new)).unwrap();
+        }
+        fn rm(&self, rel: &str) {
+            let p = self.p(rel);
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                std::fs::remove_dir_all(p).unwrap();
+            } else {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        fn chmod(&self, rel: &str, mode: u32) {
+            std::fs::set_permissions(self.p(rel), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        fn chown(&self, rel: &str, uid: u32, gid: u32) {
+            let (fd, n) = self.at(rel);
+            sys::fchownat(fd.as_fd(), n.as_os_str(), uid, gid).unwrap();
+        }
+        fn mknod(&self, rel: &str, mode: u32, rdev: u64) {
+            let (fd, n) = self.at(rel);
+            sys::mknodat(fd.as_fd(), n.as_os_str(), mode, rdev).unwrap();
+        }
+        fn setx(&self, rel: &str, name: &[u8], val: &[u8]) {
+            let (fd, n) = self.at(rel);
+            sys::lsetxattr(fd.as_fd(), Some(n.as_os_str()), name, val, 0).unwrap();
+        }
+        fn rmx(&self, rel: &str, name: &[u8]) {
+            let (fd, n) = self.at(rel);
+            sys::lremovexattr(fd.as_fd(), Some(n.as_os_str()), name).unwrap();
+        }
+        fn utime(&self, rel: &str, a: (i64, i64), m: (i64, i64)) {
+            let (fd, n) = self.at(rel);
+            sys::utimensat(
+                fd.as_fd(),
+                n.as_os_str(),
+                TimeSpec::At(a.0, a.1),
+                TimeSpec::At(m.0, m.1),
+            )
+            .unwrap();
+        }
+        fn ino(&self, rel: &str) -> u64 {
+            std::fs::symlink_metadata(self.p(rel)).unwrap().ino()
+        }
+
+        /// Panic with the differences unless the upper's capture is `want`.
+        fn assert_upper_is(&self, want: &Hash, what: &str) {
+            let got = self.capture();
+            if got != *want {
+                panic!("{what}: upper differs:\n{}", self.describe(want, &got));
+            }
+        }
+
+        fn describe(&self, want: &Hash, got: &Hash) -> String {
+            let mut s = String::new();
+            for c in diff(&self.store, Some(want), got).unwrap() {
+                s += &format!(
+                    "  {:?} {} ({})\n    want {:?}\n    got  {:?}\n",
+                    c.kind,
+                    String::from_utf8_lossy(&c.path),
+                    kind_name(c.new.as_ref().or(c.old.as_ref()).unwrap()),
+                    c.old,
+                    c.new
+                );
+            }
+            s
+        }
+
+        /// The tree with hard-link groups renumbered in walk order: equal
+        /// for two uppers with the same files linked the same way, whatever
+        /// their inode numbers.
+        fn canon(&self, h: &Hash) -> Hash {
+            fn walk(s: &ObjectStore, h: &Hash, map: &mut HashMap<u64, u64>) -> Hash {
+                let mut t = s.read_tree(h).unwrap();
+                for e in &mut t.entries {
+                    if e.link != 0 {
+                        let n = map.len() as u64 + 1;
+                        e.link = *map.entry(e.link).or_insert(n);
+                    }
+                    if let Payload::Dir(sub) = &e.payload {
+                        e.payload = Payload::Dir(walk(s, sub, map));
+                    }
+                }
+                s.write_tree(&t).unwrap()
+            }
+            walk(&self.store, h, &mut HashMap::new())
+        }
+    }
+
+    const ACL_USER_OBJ: u16 = 0x01;
+    const ACL_USER: u16 = 0x02;
+    const ACL_GROUP_OBJ: u16 = 0x04;
+    const ACL_MASK: u16 = 0x10;
+    const ACL_OTHER: u16 = 0x20;
+
+    /// A POSIX ACL as the kernel stores it in system.posix_acl_* (little-endian).
+    fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            v.extend_from_slice(&id.to_le_bytes());
+        }
+        v
+    }
+
+    /// State A: every kind of object the upper can hold.
+    fn build_a(fx: &Fx) {
+        fx.write("f1", b"hello");
+        fx.setx("f1", b"user.a", b"1");
+        let big = std::fs::File::create(fx.p("big")).unwrap();
+        big.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_at(&big, b"tail", 1 << 20).unwrap();
+        drop(big);
+        fx.write("suid", b"#!/bin/sh\n");
+        fx.chown("suid", 1000, 1000);
+        fx.chmod("suid", 0o4755);
+        fx.mkdir("d");
+        fx.write("d/x", b"x");
+        fx.mkdir("d/sub");
+        fx.write("d/sub/y", b"y");
+        fx.mkdir("d/sub/deep");
+        fx.write("d/sub/deep/z", b"z");
+        fx.symlink("d/x", "l");
+        fx.chown("l", 1000, 1001);
+        fx.mknod("p", libc::S_IFIFO | 0o640, 0);
+        fx.mknod("wh", libc::S_IFCHR, 0);
+        fx.mknod("cdev", libc::S_IFCHR | 0o600, 0);
+        fx.setx("cdev", crate::whiteout::XATTR_CHARDEV, b"y");
+        fx.mknod("blk", libc::S_IFBLK | 0o660, sys::makedev(7, 3));
+        fx.mknod("sock", libc::S_IFSOCK | 0o600, 0);
+        fx.mkdir("o");
+        fx.setx("o", crate::whiteout::XATTR_OPAQUE, b"y");
+        fx.write("o/inner", b"i");
+        fx.mkdir("r");
+        fx.setx("r", crate::whiteout::XATTR_REDIRECT, b"/lower/r");
+        fx.write("h1", b"linked");
+        fx.link("h1", "d/h2");
+        fx.mkdir("acl");
+        fx.mkdir("acl/sub");
+        let def = acl(&[
+            (ACL_USER_OBJ, 7, u32::MAX),
+            (ACL_USER, 5, 1000),
+            (ACL_GROUP_OBJ, 5, u32::MAX),
+            (ACL_MASK, 5, u32::MAX),
+            (ACL_OTHER, 0, u32::MAX),
+        ]);
+        fx.setx("acl", b"system.posix_acl_default", &def);
+        fx.write("acl/f", b"inherits the default ACL");
+        fx.write("aclf", b"a");
+        fx.setx(
+            "aclf",
+            b"system.posix_acl_access",
+            &acl(&[
+                (ACL_USER_OBJ, 6, u32::MAX),
+                (ACL_USER, 4, 1000),
+                (ACL_GROUP_OBJ, 4, u32::MAX),
+                (ACL_MASK, 4, u32::MAX),
+                (ACL_OTHER, 4, u32::MAX),
+            ]),
+        );
+        fx.mkdir("empty");
+        fx.chmod("empty", 0o1777);
+        fx.write("times", b"t");
+        fx.utime("times", (1000, 5), (2000, 7));
+        fx.utime("d/sub", (3000, 1), (4000, 2));
+    }
+
+    /// From A to B: modify, delete, add, chmod/chown, kind changes, xattrs.
+    fn mutate_to_b(fx: &Fx) {
+        fx.write("f1", b"changed content");
+        fx.chmod("f1", 0o600);
+        fx.rmx("f1", b"user.a");
+        fx.setx("f1", b"user.c", b"3");
+        fx.rm("d/sub");
+        fx.write("n1", b"new");
+        fx.mkdir("nd");
+        fx.write("nd/a", b"a");
+        fx.mkdir("nd/b");
+        fx.symlink("x", "nd/b/c");
+        fx.rm("big");
+        fx.mkdir("big");
+        fx.write("big/inner", b"in");
+        fx.rm("o");
+        fx.write("o", b"now a file");
+        fx.setx("d", b"user.b", b"2");
+        fx.rmx("r", crate::whiteout::XATTR_REDIRECT);
+        fx.setx("r", crate::whiteout::XATTR_OPAQUE, b"y");
+        fx.rm("l");
+        fx.symlink("elsewhere", "l");
+        fx.rm("wh");
+        fx.mknod("d/wh2", libc::S_IFCHR, 0);
+        fx.chown("suid", 0, 0);
+        fx.rm("p");
+        fx.write("p", b"a fifo became a file");
+        fx.rm("acl/sub");
+        fx.rmx("aclf", b"system.posix_acl_access");
+        fx.chmod("aclf", 0o644);
+        fx.rmx("cdev", crate::whiteout::XATTR_CHARDEV);
+        fx.rm("blk");
+        fx.mkdir("blk");
+        fx.chmod("empty", 0o700);
+        fx.utime("times", (5000, 0), (6000, 0));
+    }
+
+    fn setup() -> (Fx, Hash, Hash) {
+        let fx = Fx::new();
+        build_a(&fx);
+        let a = fx.capture();
+        mutate_to_b(&fx);
+        let b = fx.capture();
+        assert_ne!(a, b);
+        (fx, a, b)
+    }
+
+    #[test]
+    fn rollback_and_roll_forward_are_exact() {
+        let (fx, a, b) = setup();
+        let h1 = fx.ino("h1");
+        let changed = fx.apply(Some(&b), &a, None);
+        fx.assert_upper_is(&a, "rollback to A");
+        for p in [
+            "f1",
+            "d",
+            "d/sub",
+            "d/sub/deep/z",
+            "nd",
+            "big",
+            "o",
+            "wh",
+            "d/wh2",
+        ] {
+            assert!(changed.iter().any(|c| c == p), "{p} not reported");
+        }
+        // Untouched objects are not rewritten: the hard-link pair keeps its inode.
+        assert!(!changed.iter().any(|c| c == "h1" || c == "d/h2"));
+        assert_eq!(fx.ino("h1"), h1);
+        assert_eq!(fx.ino("d/h2"), h1);
+        // The rebuilt directory under a default ACL did not keep what it inherited.
+        let sub = lookup(&fx.store, &a, b"acl/sub").unwrap().unwrap();
+        assert!(sub.xattrs.is_empty());
+        let m = std::fs::metadata(fx.p("suid")).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid()), (0o4755, 1000));
+
+        let changed = fx.apply(Some(&a), &b, None);
+        fx.assert_upper_is(&b, "roll forward to B");
+        assert!(changed.iter().any(|c| c == "nd/b/c"));
+        // And back again, without fsync this time.
+        apply(
+            &fx.store,
+            fx.upper.as_fd(),
+            fx.work.as_fd(),
+            Some(&b),
+            &a,
+            None,
+            &ApplyOptions { sync: false },
+        )
+        .unwrap();
+        fx.assert_upper_is(&a, "second rollback");
+    }
+
+    #[test]
+    fn apply_is_idempotent() {
+        let (fx, a, b) = setup();
+        fx.apply(Some(&b), &a, None);
+        // Run again with the same arguments, as after a crash at the very end.
+        fx.apply(Some(&b), &a, None);
+        fx.assert_upper_is(&a, "second run");
+        // Equal trees: nothing to do, nothing reported.
+        assert!(fx.apply(Some(&a), &a, None).is_empty());
+        fx.assert_upper_is(&a, "no-op");
+    }
+
+    #[test]
+    fn half_done_then_full() {
+        let (fx, a, b) = setup();
+        // A crash after part of the work: these paths are already at A.
+        fx.apply(Some(&b), &a, Some(&["d", "big", "o/inner", "nd"]));
+        fx.apply(Some(&b), &a, None);
+        fx.assert_upper_is(&a, "after a partial run");
+    }
+
+    #[test]
+    fn crash_at_every_step_then_rerun() {
+        let mut n = 1;
+        loop {
+            let (fx, a, b) = setup();
+            FAIL_AT.with(|c| c.set(n));
+            let r = fx.try_apply(Some(&b), &a, None);
+            FAIL_AT.with(|c| c.set(0));
+            match r {
+                Ok(_) => {
+                    fx.assert_upper_is(&a, "run without a fault");
+                    break;
+                }
+                Err(e) => assert!(e.to_string().contains("injected fault"), "{e}"),
+            }
+            // The next mount cleans workdir/work; then the caller runs it again.
+            for e in sys::read_dir_all(fx.work.as_fd()).unwrap() {
+                remove_tree(fx.work.as_fd(), OsStr::from_bytes(&e.name)).unwrap();
+            }
+            fx.apply(Some(&b), &a, None);
+            fx.assert_upper_is(&a, &format!("re-run after a fault at point {n}"));
+            n += 1;
+        }
+        eprintln!("{n} fault points");
+        assert!(n > 40, "only {n} fault points were reached");
+    }
+
+    #[test]
+    fn unknown_current_compares_with_the_upper() {
+        let (fx, a, b) = setup();
+        // Nothing known: every directory is listed, extra names go.
+        fx.apply(None, &a, None);
+        // Everything was rebuilt, so the hard-link pair has a new inode:
+        // equal up to link numbering, and still one file.
+        assert_eq!(fx.canon(&fx.capture()), fx.canon(&a));
+        assert_eq!(fx.ino("h1"), fx.ino("d/h2"));
+        fx.apply(None, &b, None);
+        assert_eq!(fx.canon(&fx.capture()), fx.canon(&b));
+    }
+
+    #[test]
+    fn hard_links_rebuilt_together() {
+        let fx = Fx::new();
+        fx.mkdir("d");
+        fx.write("g1", b"group");
+        fx.link("g1", "d/g2");
+        fx.link("g1", "d/g3");
+        fx.write("solo", b"s");
+        // A group inside a directory that the rollback builds in work.
+        fx.mkdir("hd");
+        fx.mkdir("hd/in");
+        fx.write("hd/a", b"in a new dir");
+        fx.link("hd/a", "hd/in/b");
+        fx.link("hd/a", "top");
+        let a = fx.capture();
+        // Break the group: g1 replaced by a new file, d/g3 removed.
+        fx.write("new", b"other");
+        std::fs::rename(fx.p("new"), fx.p("g1")).unwrap();
+        fx.rm("d/g3");
+        fx.link("solo", "d/solo2");
+        fx.rm("hd");
+        fx.rm("top");
+        let b = fx.capture();
+        fx.apply(Some(&b), &a, None);
+        assert_eq!(fx.ino("g1"), fx.ino("d/g2"));
+        assert_eq!(fx.ino("g1"), fx.ino("d/g3"));
+        assert_ne!(fx.ino("g1"), fx.ino("solo"));
+        assert_eq!(fx.ino("hd/a"), fx.ino("hd/in/b"));
+        assert_eq!(fx.ino("hd/a"), fx.ino("top"));
+        assert_eq!(std::fs::metadata(fx.p("g1")).unwrap().nlink(), 3);
+        assert!(!fx.p("d/solo2").exists());
+        // Link numbers are inode numbers: equal once renumbered.
+        let got = fx.capture();
+        assert_eq!(fx.canon(&got), fx.canon(&a), "{}", fx.describe(&a, &got));
+        // (Read only now: reading moves the atime, relatime.)
+        assert_eq!(std::fs::read(fx.p("d/g3")).unwrap(), b"group");
+        fx.apply(Some(&got), &b, None);
+        assert_eq!(fx.canon(&fx.capture()), fx.canon(&b));
+        assert_eq!(fx.ino("solo"), fx.ino("d/solo2"));
+    }
+
+    #[test]
+    fn restore_one_file() {
+        let (fx, a, b) = setup();
+        let changed = fx.apply(Some(&b), &a, Some(&["f1"]));
+        assert_eq!(changed, vec!["f1"]);
+        let after = fx.capture();
+        assert_eq!(
+            lookup(&fx.store, &after, b"f1").unwrap(),
+            lookup(&fx.store, &a, b"f1").unwrap()
+        );
+        let rest: Vec<_> = diff(&fx.store, Some(&b), &after).unwrap();
+        assert_eq!(rest.len(), 1, "{}", fx.describe(&b, &after));
+        assert_eq!(rest[0].path, b"f1");
+        assert_eq!(std::fs::read(fx.p("f1")).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn restore_one_subtree() {
+        let (fx, a, b) = setup();
+        let changed = fx.apply(Some(&b), &a, Some(&["d"]));
+        assert!(changed.iter().all(|c| c.starts_with('d')));
+        let after = fx.capture();
+        assert_eq!(
+            lookup(&fx.store, &after, b"d").unwrap(),
+            lookup(&fx.store, &a, b"d").unwrap()
+        );
+        for c in diff(&fx.store, Some(&b), &after).unwrap() {
+            assert!(c.path == b"d" || c.path.starts_with(b"d/"), "{c:?}");
+        }
+        // Nothing known about the upper: same result.
+        let (fx, a, b) = setup();
+        let _ = b;
+        fx.apply(None, &a, Some(&["d"]));
+        let after = fx.capture();
+        assert_eq!(
+            lookup(&fx.store, &after, b"d/sub").unwrap(),
+            lookup(&fx.store, &a, b"d/sub").unwrap()
+        );
+        assert!(!fx.p("d/wh2").exists());
+    }
+
+    #[test]
+    fn restore_creates_missing_ancestors() {
+        let (fx, a, b) = setup();
+        let changed = fx.apply(Some(&b), &a, Some(&["d/sub/deep/z", "o/inner"]));
+        assert_eq!(
+            changed,
+            vec!["d/sub", "d/sub/deep", "d/sub/deep/z", "o", "o/inner"]
+        );
+        let after = fx.capture();
+        for p in ["d/sub/deep/z", "o/inner"] {
+            assert_eq!(
+                lookup(&fx.store, &after, p.as_bytes()).unwrap(),
+                lookup(&fx.store, &a, p.as_bytes()).unwrap()
+            );
+        }
+        // Created ancestors carry the target's metadata (times, opaque
+        // xattr...), but only the restored path below them.
+        for p in ["d/sub", "d/sub/deep", "o"] {
+            let mut got = lookup(&fx.store, &after, p.as_bytes()).unwrap().unwrap();
+            let want = lookup(&fx.store, &a, p.as_bytes()).unwrap().unwrap();
+            got.payload = want.payload.clone();
+            got.size = want.size;
+            assert_eq!(got, want, "{p}");
+        }
+        assert!(!fx.p("d/sub/y").exists());
+        assert_eq!(
+            kind_name(&lookup(&fx.store, &after, b"o").unwrap().unwrap()),
+            "dir"
+        );
+        // Everything else is still B.
+        for c in diff(&fx.store, Some(&b), &after).unwrap() {
+            let p = String::from_utf8(c.path.clone()).unwrap();
+            assert!(
+                p == "d" || p.starts_with("d/sub") || p == "o" || p.starts_with("o/"),
+                "{p} changed"
+            );
+            if p == "d" {
+                assert_eq!(c.kind, ChangeKind::Modified);
+            }
+        }
+    }
+
+    #[test]
+    fn restore_of_a_path_absent_from_the_target_removes_it() {
+        let (fx, a, b) = setup();
+        let changed = fx.apply(Some(&b), &a, Some(&["n1", "nd/b/c", "missing/x"]));
+        assert_eq!(changed, vec!["n1", "nd/b/c"]);
+        assert!(!fx.p("n1").exists());
+        assert!(fx.p("nd/b").is_dir());
+        assert!(fx.p("nd/b/c").symlink_metadata().is_err());
+        assert!(!fx.p("missing").exists());
+        // Paths equal in both trees are left alone.
+        assert!(fx.apply(Some(&b), &a, Some(&["h1", "d/x"])).is_empty());
+        let _ = hex(&b);
+    }
+
+    #[test]
+    fn no_path_string_escapes_the_upper() {
+        // A symlink in the upper pointing outside must never be followed.
+        let fx = Fx::new();
+        let outside = fx.dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        fx.mkdir("d");
+        fx.write("d/f", b"inside");
+        let a = fx.capture();
+        fx.rm("d");
+        fx.symlink(outside.to_str().unwrap(), "d");
+        let b = fx.capture();
+        fx.apply(Some(&b), &a, Some(&["d/f"]));
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+        assert!(fx.p("d").symlink_metadata().unwrap().is_dir());
+        assert_eq!(std::fs::read(fx.p("d/f")).unwrap(), b"inside");
+        let _ = Path::new("/");
     }
 }

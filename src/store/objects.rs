@@ -902,4 +902,49 @@ mod tests {
         let h = s.put_bytes(b"small").unwrap();
         assert_eq!(s.get(&h).unwrap(), b"small");
     }
+
+    /// Not run by default: needs a directory on a filesystem with reflinks
+    /// (XFS, btrfs), e.g. `LAYERFS_REFLINK_DIR=/mnt/xfs cargo test --release
+    /// -p layerfs --lib reflink -- --ignored`.
+    #[test]
+    #[ignore]
+    fn reflink_store() {
+        let Ok(dir) = std::env::var("LAYERFS_REFLINK_DIR") else {
+            panic!("set LAYERFS_REFLINK_DIR");
+        };
+        let d = tempfile::tempdir_in(&dir).unwrap();
+        std::fs::create_dir(d.path().join("state")).unwrap();
+        let fd = sys::open_root(&d.path().join("state")).unwrap();
+        let s = ObjectStore::open(fd.as_fd()).unwrap();
+        let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let p = d.path().join("src");
+        std::fs::write(&p, &data).unwrap();
+        std::fs::File::open(&p).unwrap().sync_all().unwrap(); // allocate it now
+        let free = |path: &std::path::Path| {
+            sys::fstatvfs(sys::open_root(path).unwrap().as_fd())
+                .map(|v| v.f_bfree * v.f_frsize)
+                .unwrap()
+        };
+        let before = free(d.path());
+        let st = put_path(&s, &p);
+        s.sync().unwrap();
+        assert!(s.reflink.load(Ordering::Relaxed), "FICLONE was not used");
+        assert!(st.new);
+        assert_eq!(st.hash, *blake3::hash(&data).as_bytes());
+        assert_eq!(s.get(&st.hash).unwrap(), data);
+        // Shared extents: storing 3 MiB took (almost) no space.
+        assert!(
+            before.saturating_sub(free(d.path())) < (1 << 20),
+            "{} {}",
+            before,
+            free(d.path())
+        );
+        assert!(!put_path(&s, &p).new);
+        assert_eq!(
+            std::fs::read_dir(d.path().join("state/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
 }
