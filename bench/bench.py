@@ -37,8 +37,12 @@ SIZES = {
 }
 
 BACKENDS = ["native", "overlay", "fuse-overlayfs", "layerfs"]
+# Not run by default: layerfs without its change journal (`-o journal=off`), to measure what the journal costs.
+EXTRA_BACKENDS = ["layerfs-nojournal"]
 LABEL = {"native": "native ext4", "overlay": "kernel overlayfs",
-         "fuse-overlayfs": "fuse-overlayfs", "layerfs": "layerfs"}
+         "fuse-overlayfs": "fuse-overlayfs", "layerfs": "layerfs",
+         "layerfs-nojournal": "layerfs journal=off"}
+LAYERFS_NAMES = ("layerfs", "layerfs-nojournal")
 
 BIG_REL = "srv/data/big.img"
 BIGDIR_REL = "var/cache/bigdir"
@@ -309,7 +313,7 @@ class Backend:
 
     @property
     def fuse(self):
-        return self.name in ("fuse-overlayfs", "layerfs")
+        return self.name in ("fuse-overlayfs",) + LAYERFS_NAMES
 
     def mounted(self):
         mnt = self.mnt.encode()
@@ -324,7 +328,8 @@ class Backend:
         opts = (f"lowerdir={self.fs}/l1:{self.fs}/l2,upperdir={self.upper},workdir={self.work}")
         cmd = {"overlay": ["mount", "-t", "overlay", "overlay", "-o", opts, self.mnt],
                "fuse-overlayfs": ["fuse-overlayfs", "-o", opts, self.mnt],
-               "layerfs": [self.bin or "layerfs", "-o", opts, self.mnt]}[self.name]
+               "layerfs": [self.bin or "layerfs", "-o", opts, self.mnt],
+               "layerfs-nojournal": [self.bin or "layerfs", "-o", opts + ",journal=off", self.mnt]}[self.name]
         with open(os.path.join(self.logdir, f"{self.name}.log"), "a") as lf:
             lf.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n")
             lf.flush()
@@ -338,7 +343,7 @@ class Backend:
         self.pid = self.find_pid() if self.fuse else None
 
     def find_pid(self):
-        want = os.path.basename(self.bin) if self.name == "layerfs" else "fuse-overlayfs"
+        want = os.path.basename(self.bin) if self.name in LAYERFS_NAMES else "fuse-overlayfs"
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
@@ -749,8 +754,20 @@ def ratio(a, b, better):
     return a / b if better == "higher" else b / a
 
 
+# Ratio columns: row key, the other backend, column header, short header (console).  A column is
+# shown when both layerfs and the other backend ran; "vs_nojournal" is what the journal costs.
+RATIOS = [("vs_kernel", "overlay", "layerfs vs kernel overlayfs", "vs kernel"),
+          ("vs_fuse_overlayfs", "fuse-overlayfs", "layerfs vs fuse-overlayfs", "vs fuse-ovl"),
+          ("vs_nojournal", "layerfs-nojournal", "layerfs vs layerfs journal=off", "vs nojournal")]
+
+
+def ratio_cols(names):
+    return [c for c in RATIOS if "layerfs" in names and c[1] in names]
+
+
 def report(res, backends, meta, labels, outdir):
     names = [b.name for b in backends]
+    cols = ratio_cols(names)
     rows = []
     for key, _, unit, better in METRICS:
         vals = {n: res.median(key, n) for n in names}
@@ -761,10 +778,10 @@ def report(res, backends, meta, labels, outdir):
                          errors=res.errors[key],
                          vs_kernel=ratio(vals.get("layerfs"), vals.get("overlay"), better)
                          if key not in ("rss", "fds") else None,
-                         vs_fuse_overlayfs=ratio(vals.get("layerfs"), vals.get("fuse-overlayfs"), better)))
+                         vs_fuse_overlayfs=ratio(vals.get("layerfs"), vals.get("fuse-overlayfs"), better),
+                         vs_nojournal=ratio(vals.get("layerfs"), vals.get("layerfs-nojournal"), better)))
     notes, md = [], []
-    head = ["workload", "unit", "better"] + [LABEL[n] for n in names] + [
-        "layerfs vs kernel overlayfs", "layerfs vs fuse-overlayfs"]
+    head = ["workload", "unit", "better"] + [LABEL[n] for n in names] + [c[2] for c in cols]
     md.append("| " + " | ".join(head) + " |")
     md.append("|" + "---|" * len(head))
     for r in rows:
@@ -777,7 +794,7 @@ def report(res, backends, meta, labels, outdir):
                 cells.append("n/a")
             else:
                 cells.append(_fmt(r["values"][n], r["unit"]))
-        for k in ("vs_kernel", "vs_fuse_overlayfs"):
+        for k, *_ in cols:
             cells.append("-" if r[k] is None else f"{r[k]:.2f}x")
         md.append("| " + " | ".join(cells) + " |")
     text = [
@@ -807,14 +824,15 @@ def report(res, backends, meta, labels, outdir):
 
 
 def print_table(rows, names):
-    head = ["workload", "unit", "better"] + names + ["vs kernel", "vs fuse-ovl"]
+    cols = ratio_cols(names)
+    head = ["workload", "unit", "better"] + names + [c[3] for c in cols]
     table = [head]
     for r in rows:
         cells = [r["key"], r["unit"], r["better"]]
         for n in names:
             cells.append("ERROR" if n in r["errors"] else
                          ("n/a" if r["values"][n] is None else _fmt(r["values"][n], r["unit"])))
-        for k in ("vs_kernel", "vs_fuse_overlayfs"):
+        for k, *_ in cols:
             cells.append("-" if r[k] is None else f"{r[k]:.2f}x")
         table.append(cells)
     w = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -881,6 +899,10 @@ def main():
     P = dict(SIZES[mode])
     runs = a.runs or P["runs"]
     names = [n for n in a.backends.split(",") if n]
+    unknown = [n for n in names if n not in LABEL]
+    if unknown or not names:
+        sys.exit(f"bench: unknown backend(s) {','.join(unknown) or '(none)'}; "
+                 f"known: {','.join(BACKENDS + EXTRA_BACKENDS)}")
     os.makedirs(a.out, exist_ok=True)
     logdir = os.path.join(a.out, "logs")
     os.makedirs(logdir, exist_ok=True)

@@ -101,13 +101,17 @@ fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
 
 fn decode<T: for<'a> Deserialize<'a>>(b: &[u8]) -> io::Result<T> {
     match b.split_first() {
-        Some((&REC_VERSION, rest)) => serde_json::from_slice(rest)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Some((&REC_VERSION, rest)) => {
+            serde_json::from_slice(rest).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        }
         Some((v, _)) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("state record of unknown version {v}"),
         )),
-        None => Err(io::Error::new(io::ErrorKind::InvalidData, "empty state record")),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "empty state record",
+        )),
     }
 }
 
@@ -125,8 +129,7 @@ pub fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && !n.starts_with(['.', '-'])
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-:@+".contains(&b))
 }
 
@@ -222,9 +225,9 @@ impl Checkpoints {
 
     fn record(&self, name: &str) -> Result<CheckpointRec, ApiError> {
         let db = self.journal.db();
-        let cf = db
-            .cf_handle(CF_CHECKPOINTS)
-            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "checkpoint column family missing"))?;
+        let cf = db.cf_handle(CF_CHECKPOINTS).ok_or_else(|| {
+            ApiError::new(ErrorCode::Internal, "checkpoint column family missing")
+        })?;
         match db.get_cf(&cf, name.as_bytes()).map_err(db_err)? {
             Some(v) => Ok(decode(&v)?),
             None => Err(ApiError::new(
@@ -306,7 +309,12 @@ impl Checkpoints {
         };
         let (root, stats) = capture::capture(&self.store, upper, base.as_ref(), &dirty)?;
         let base_totals = match (&head, &base) {
-            (Some(Head { totals: Some(t), .. }), _) => Some(unpack(*t)),
+            (
+                Some(Head {
+                    totals: Some(t), ..
+                }),
+                _,
+            ) => Some(unpack(*t)),
             // A head written without totals: count its tree once.
             (_, Some(b)) if !stats.complete => Some(capture::totals(&self.store, b)?),
             _ => None,
@@ -403,8 +411,7 @@ impl Checkpoints {
         Ok(self
             .records()?
             .into_iter()
-            .filter(|r| !r.auto)
-            .next_back()
+            .rfind(|r| !r.auto)
             .map(|r| r.name))
     }
 
@@ -478,8 +485,7 @@ impl Checkpoints {
     fn prune_locked(&self, policy: &Retention) -> Result<PruneReport, ApiError> {
         let recs = self.records()?;
         let keep = retention_keep(&recs, policy);
-        let (kept, gone): (Vec<_>, Vec<_>) =
-            recs.into_iter().partition(|r| keep.contains(&r.name));
+        let (kept, gone): (Vec<_>, Vec<_>) = recs.into_iter().partition(|r| keep.contains(&r.name));
         let names: Vec<&str> = gone.iter().map(|r| r.name.as_str()).collect();
         if !names.is_empty() {
             self.commit(&[], &names, &[])?;
@@ -552,10 +558,16 @@ impl Checkpoints {
         let mut only = Vec::new();
         for p in paths {
             let rel = p.trim_matches('/');
-            if rel.split('/').any(|c| c == ".." || c == "." || c.is_empty()) && !rel.is_empty() {
+            if rel
+                .split('/')
+                .any(|c| c == ".." || c == "." || c.is_empty())
+                && !rel.is_empty()
+            {
                 return Err(ApiError::new(
                     ErrorCode::BadRequest,
-                    format!("invalid path '{p}': give a path inside the union, without '.' or '..'"),
+                    format!(
+                        "invalid path '{p}': give a path inside the union, without '.' or '..'"
+                    ),
                 ));
             }
             only.push(rel.as_bytes().to_vec());
@@ -563,11 +575,7 @@ impl Checkpoints {
         self.switch(name, Some(only))
     }
 
-    fn switch(
-        &self,
-        name: &str,
-        only: Option<Vec<Vec<u8>>>,
-    ) -> Result<RollbackReport, ApiError> {
+    fn switch(&self, name: &str, only: Option<Vec<Vec<u8>>>) -> Result<RollbackReport, ApiError> {
         let t0 = Instant::now();
         let _op = self.op_lock.lock();
         let target_rec = self.record(name)?;
@@ -589,7 +597,11 @@ impl Checkpoints {
             time_ns: now_ns(),
             message: Some(format!(
                 "automatic: the state before {} {name}",
-                if only.is_some() { "restore from" } else { "rollback to" }
+                if only.is_some() {
+                    "restore from"
+                } else {
+                    "rollback to"
+                }
             )),
             seq,
             files: stats.files,
@@ -675,7 +687,10 @@ impl Checkpoints {
         // A full rollback makes the upper exactly the target; a restore
         // leaves the head where it was (its paths are now journaled as dirty).
         let head = if intent.only.is_none() {
-            let t = self.record(&intent.checkpoint).ok().map(|r| [r.files, r.dirs, r.others, r.bytes]);
+            let t = self
+                .record(&intent.checkpoint)
+                .ok()
+                .map(|r| [r.files, r.dirs, r.others, r.bytes]);
             Some(encode(&Head {
                 root: intent.target.clone(),
                 seq,
@@ -792,6 +807,34 @@ impl Checkpoints {
                 k.inode(*i);
             }
         }
+    }
+
+    /// Take a checkpoint every `every` while something changed since the
+    /// last one (automatic retention then applies as after any checkpoint).
+    pub fn spawn_periodic(self: &Arc<Self>, every: std::time::Duration) -> io::Result<()> {
+        let me = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("checkpoint-timer".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                let Some(cp) = me.upgrade() else { return };
+                let changed = match cp.head() {
+                    Ok(Some(h)) => cp.journal.last_seq() > h.seq,
+                    Ok(None) => true,
+                    Err(_) => false,
+                };
+                if changed {
+                    let msg = Some("automatic (checkpoint_every)".to_string());
+                    match cp
+                        .unique_name("auto-")
+                        .and_then(|n| cp.create(Some(n), msg))
+                    {
+                        Ok(i) => info!(checkpoint = %i.name, "periodic checkpoint taken"),
+                        Err(e) => warn!(err = %e, "periodic checkpoint failed"),
+                    }
+                }
+            })?;
+        Ok(())
     }
 
     /// Re-hash every stored object reachable from a checkpoint.

@@ -19,6 +19,14 @@ Options for -o (comma-separated; the syntax of kernel overlayfs):
   volatile             do not sync copied-up data to disk (as kernel overlayfs's volatile;
                        faster, but a power loss may leave a copied-up file incomplete)
   fsname=NAME          source name shown in /proc/mounts
+  journal=on|off       record every change and offer checkpoints (default on; needs upperdir)
+  statedir=DIR         journal database and checkpoint store (default WORKDIR/layerfs; keep
+                       it on the overlay partition)
+  control=PATH         control socket (default /run/layerfs/<escaped mountpoint>.sock)
+  control_gid=GID      members of this group may use the control socket too (default root only)
+  checkpoint_every=T   take a checkpoint every T (90s, 15m, 1h, 1d; at least 1m) if anything changed
+  keep_last=N, keep_hourly=N, keep_daily=N, keep_weekly=N
+                       retention applied after every checkpoint (default: keep all)
   rw, ro, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, sync, dirsync
                        generic mount flags, honoured
   redirect_dir=, index=, xino=, metacopy=off
@@ -27,6 +35,7 @@ Options for -o (comma-separated; the syntax of kernel overlayfs):
 Examples:
   layerfs -o lowerdir=/repo/app:/repo/base,upperdir=/ovl/upper,workdir=/ovl/work /srv/root
   mount -t fuse.layerfs layerfs /srv/root -o lowerdir=/repo/base,upperdir=/ovl/u,workdir=/ovl/w
+Checkpoints, rollback and the journal: see `layerfs-ctl --help`.
 Logging: RUST_LOG=debug (tracing filter syntax)."
 )]
 pub struct Args {

@@ -95,7 +95,13 @@ impl<T> Handles<T> {
     pub fn filter(&self, pred: impl Fn(&T) -> bool) -> Vec<Arc<T>> {
         self.shards
             .iter()
-            .flat_map(|s| s.lock().values().filter(|v| pred(v)).cloned().collect::<Vec<_>>())
+            .flat_map(|s| {
+                s.lock()
+                    .values()
+                    .filter(|v| pred(v))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 }

@@ -23,9 +23,9 @@ use crate::attrs::{self, SetAttr};
 use crate::cache::CachePolicy;
 use crate::dirmerge::{self, offset_of, DirEnt};
 use crate::files::{self, Handles, OpenFile, WriteWatch};
-use crate::journal::{Journal, Op, Who};
 use crate::inode::ROOT_INO;
 use crate::iomode::{IoMode, IoModes};
+use crate::journal::{Journal, Op, Who};
 use crate::namespace::{self, NewObject};
 use crate::sys::{self, Stat, TimeSpec};
 use crate::union::{Ctx, Union};
@@ -408,7 +408,12 @@ impl Filesystem for LayerFs {
                 self.note_ino(w, Op::Truncate, ino.0, Some(format!("size {s}")));
             }
             if let Some(m) = mode {
-                self.note_ino(w, Op::Chmod, ino.0, Some(format!("mode {:04o}", m & 0o7777)));
+                self.note_ino(
+                    w,
+                    Op::Chmod,
+                    ino.0,
+                    Some(format!("mode {:04o}", m & 0o7777)),
+                );
             }
             if uid.is_some() || gid.is_some() {
                 let show = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());

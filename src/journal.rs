@@ -443,10 +443,8 @@ impl Journal {
         let _g = self.write_lock.lock();
         let seq = self.last.load(Ordering::Relaxed) + 1;
         rec.seq = seq;
-        let (Some(j), Some(p)) = (
-            self.db.cf_handle(CF_JOURNAL),
-            self.db.cf_handle(CF_BY_PATH),
-        ) else {
+        let (Some(j), Some(p)) = (self.db.cf_handle(CF_JOURNAL), self.db.cf_handle(CF_BY_PATH))
+        else {
             return Err(io::Error::other("journal column families missing"));
         };
         let mut b = WriteBatch::default();
@@ -476,12 +474,7 @@ impl Journal {
 
     /// Records with seq in `from..=to`, oldest first, calling `f` for each
     /// until it returns false.
-    pub fn scan(
-        &self,
-        from: u64,
-        to: u64,
-        mut f: impl FnMut(Record) -> bool,
-    ) -> io::Result<()> {
+    pub fn scan(&self, from: u64, to: u64, mut f: impl FnMut(Record) -> bool) -> io::Result<()> {
         let cf = self
             .db
             .cf_handle(CF_JOURNAL)
@@ -539,9 +532,7 @@ impl Journal {
             }
             match &prefix {
                 None => true,
-                Some(p) => {
-                    under(&r.path, p) || r.path2.as_ref().is_some_and(|p2| under(p2, p))
-                }
+                Some(p) => under(&r.path, p) || r.path2.as_ref().is_some_and(|p2| under(p2, p)),
             }
         };
         let mut out = Vec::new();

@@ -189,7 +189,12 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
             journal.clone(),
         );
         let history = match &journal {
-            Some(j) => Some(open_history(&req, union.clone(), fs.files.clone(), j.clone())?),
+            Some(j) => Some(open_history(
+                &req,
+                union.clone(),
+                fs.files.clone(),
+                j.clone(),
+            )?),
             None => None,
         };
         let session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| {
@@ -303,7 +308,8 @@ fn open_history(
         req.options.retention.clone(),
     )
     .with_context(|| format!("cannot open the checkpoint store in '{}'", dir.display()))?;
-    cps.recover().context("cannot finish an interrupted rollback")?;
+    cps.recover()
+        .context("cannot finish an interrupted rollback")?;
     let clean = journal.meta_get(crate::journal::META_CLEAN)?.is_some();
     if !clean {
         cps.repair_journal()
@@ -316,7 +322,11 @@ fn open_history(
         .control
         .clone()
         .unwrap_or_else(|| crate::control::socket_path_for(&req.mountpoint));
-    Ok((Arc::new(cps), sock))
+    let cps = Arc::new(cps);
+    if let Some(every) = req.options.checkpoint_every {
+        cps.spawn_periodic(every)?;
+    }
+    Ok((cps, sock))
 }
 
 /// The kernel's caches, told to forget entries after a rollback.

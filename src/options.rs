@@ -67,6 +67,8 @@ pub struct MountOptions {
     pub control: Option<PathBuf>,
     /// Group whose members may use the control socket besides root.
     pub control_gid: Option<u32>,
+    /// Take a checkpoint this often when something changed (None: never).
+    pub checkpoint_every: Option<std::time::Duration>,
     /// Retention applied after every checkpoint (none set: keep everything).
     pub retention: crate::control::proto::Retention,
 }
@@ -84,6 +86,24 @@ fn on_off(name: &str, value: &str) -> Result<bool, OptionError> {
             accepted: "on, off",
         }),
     }
+}
+
+/// "90s", "15m", "1h", "1d" or plain seconds; at least a minute (a
+/// checkpoint every few seconds would be a mistake, not a policy).
+fn parse_interval(v: &str) -> Option<std::time::Duration> {
+    let (num, unit) = match v.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => v.split_at(i),
+        None => (v, "s"),
+    };
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86400)?,
+        _ => return None,
+    };
+    (secs >= 60).then(|| std::time::Duration::from_secs(secs))
 }
 
 /// Split the lowerdir list on ':' honouring the kernel's `\:` escape.
@@ -153,6 +173,7 @@ impl MountOptions {
         let mut volatile = false;
         let mut statedir = None;
         let mut journal = true;
+        let mut checkpoint_every = None;
         let mut control = None;
         let mut control_gid = None;
         let mut retention = crate::control::proto::Retention::default();
@@ -215,6 +236,15 @@ impl MountOptions {
                     }
                     "passthrough" => passthrough = on_off(&name, &need(&value)?)?,
                     "volatile" => volatile = true,
+                    "checkpoint_every" => {
+                        let v = need(&value)?;
+                        checkpoint_every =
+                            Some(parse_interval(&v).ok_or(OptionError::BadValue {
+                                name: name.clone(),
+                                value: v.clone(),
+                                accepted: "an interval of at least 60 seconds: 90s, 15m, 1h, 1d",
+                            })?);
+                    }
                     "journal" => journal = on_off(&name, &need(&value)?)?,
                     "statedir" => statedir = Some(PathBuf::from(need(&value)?)),
                     "control" => control = Some(PathBuf::from(need(&value)?)),
@@ -317,6 +347,7 @@ impl MountOptions {
             passthrough,
             volatile,
             journal,
+            checkpoint_every,
             statedir,
             control,
             control_gid,
@@ -333,6 +364,34 @@ impl MountOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_options() {
+        let o = MountOptions::parse(&[
+            "lowerdir=/a,upperdir=/u,workdir=/w,statedir=/s,checkpoint_every=1h,keep_last=5,keep_daily=7,journal=on",
+        ])
+        .unwrap();
+        assert_eq!(o.statedir.as_deref(), Some(std::path::Path::new("/s")));
+        assert_eq!(
+            o.checkpoint_every,
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(o.retention.keep_last, Some(5));
+        assert_eq!(o.retention.keep_daily, Some(7));
+        assert!(o.journal);
+        for bad in [
+            "checkpoint_every=5s",
+            "checkpoint_every=1y",
+            "keep_last=x",
+            "journal=maybe",
+        ] {
+            let r = MountOptions::parse(&[format!("lowerdir=/a,{bad}")]);
+            assert!(
+                matches!(r, Err(OptionError::BadValue { .. })),
+                "{bad}: {r:?}"
+            );
+        }
+    }
 
     #[test]
     fn overlay_syntax() {

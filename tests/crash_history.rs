@@ -146,7 +146,10 @@ fn journal_explains_upper(sock: &Path, upper: &Path) -> Result<(), String> {
             for e in rd.flatten() {
                 let p = e.path();
                 out.push(p.strip_prefix(base).unwrap_or(&p).display().to_string());
-                if fs::symlink_metadata(&p).map(|m| m.is_dir()).unwrap_or(false) {
+                if fs::symlink_metadata(&p)
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false)
+                {
                     walk(base, &p, out);
                 }
             }
@@ -258,7 +261,8 @@ fn kill_nine_at_random_moments() {
         sock = mount(&mut f);
 
         // 1. The union is readable throughout.
-        let now = snap(&f.mnt).unwrap_or_else(|e| panic!("kill {k}: walk failed: {e} (seed {seed})"));
+        let now =
+            snap(&f.mnt).unwrap_or_else(|e| panic!("kill {k}: walk failed: {e} (seed {seed})"));
         // 2. An interrupted rollback is complete or absent.
         if let Some((target, before, Some(want))) = &pending {
             assert!(
@@ -275,7 +279,10 @@ fn kill_nine_at_random_moments() {
             .map(|c| c["name"].as_str().unwrap_or("").to_string())
             .collect();
         for n in done.keys() {
-            assert!(listed.contains(n), "kill {k}: checkpoint {n} lost (seed {seed})");
+            assert!(
+                listed.contains(n),
+                "kill {k}: checkpoint {n} lost (seed {seed})"
+            );
         }
         if let Some((name, before, None)) = &pending {
             if listed.contains(name) {

@@ -82,7 +82,10 @@ fn snapshot(root: &Path) -> Vec<(String, String)> {
                 out.push((rel, format!("dir {mode:o}")));
                 walk(base, &p, out);
             } else if md.file_type().is_symlink() {
-                out.push((rel, format!("link {}", fs::read_link(&p).unwrap().display())));
+                out.push((
+                    rel,
+                    format!("link {}", fs::read_link(&p).unwrap().display()),
+                ));
             } else {
                 let data = fs::read(&p).unwrap();
                 out.push((
@@ -143,13 +146,16 @@ fn journal_records_each_change_with_its_process() {
         .iter()
         .filter(|r| r["op"] == "write" && r["path"] == "/etc/app/app.conf")
         .collect();
-    assert_eq!(writes.len(), 1, "writes are coalesced per open: {writes:#?}");
+    assert_eq!(
+        writes.len(),
+        1,
+        "writes are coalesced per open: {writes:#?}"
+    );
     // Queries narrow by path prefix, operation and process.
     let etc = records(&f, &["--path", "/etc/app"]);
-    assert!(etc.iter().all(|r| r["path"]
-        .as_str()
-        .unwrap()
-        .starts_with("/etc/app")));
+    assert!(etc
+        .iter()
+        .all(|r| r["path"].as_str().unwrap().starts_with("/etc/app")));
     assert!(etc.len() >= 2);
     let rms = records(&f, &["--op", "unlink"]);
     assert_eq!(rms.len(), 1);
@@ -170,7 +176,10 @@ fn checkpoint_rollback_and_roll_forward() {
     fs::write(f.m("etc/app/app.conf"), "level=2\n").unwrap();
     fs::create_dir_all(f.m("var/lib/app")).unwrap();
     fs::write(f.m("var/lib/app/state"), "s1\n").unwrap();
-    let a = ctl(&f, &["checkpoint", "create", "--name", "A", "--message", "first"]);
+    let a = ctl(
+        &f,
+        &["checkpoint", "create", "--name", "A", "--message", "first"],
+    );
     assert_eq!(a["name"], "A");
     let state_a = snapshot(&f.mnt);
 
@@ -189,13 +198,14 @@ fn checkpoint_rollback_and_roll_forward() {
     // The diff names what changed.
     let d = ctl(&f, &["checkpoint", "diff", "A", "B"]);
     let d = d.as_array().unwrap();
-    let has = |change: &str, path: &str| {
-        d.iter()
-            .any(|e| e["change"] == change && e["path"] == path)
-    };
+    let has =
+        |change: &str, path: &str| d.iter().any(|e| e["change"] == change && e["path"] == path);
     assert!(has("added", "/new-file"), "{d:#?}");
     assert!(has("deleted", "/etc/hosts"), "{d:#?}");
-    assert!(has("modified", "/usr/bin/tool") || has("added", "/usr/bin/tool"), "{d:#?}");
+    assert!(
+        has("modified", "/usr/bin/tool") || has("added", "/usr/bin/tool"),
+        "{d:#?}"
+    );
 
     // A process holding a file open across the rollback keeps working.
     let mut held = fs::File::open(f.m("new-file")).unwrap();
@@ -228,7 +238,10 @@ fn checkpoint_rollback_and_roll_forward() {
     // Restore one file from B.
     ctl(&f, &["restore", "B", "/new-file"]);
     assert_eq!(read(f.m("new-file")), "new\n");
-    assert!(f.m("etc/hosts").exists(), "restore touches only the paths given");
+    assert!(
+        f.m("etc/hosts").exists(),
+        "restore touches only the paths given"
+    );
     let list = ctl(&f, &["checkpoint", "list"]);
     let names: Vec<&str> = list
         .as_array()
@@ -345,7 +358,11 @@ fn full_disk_during_checkpoint_loses_nothing() {
     let chunk2: Vec<u8> = chunk.iter().map(|b| b.wrapping_add(1)).collect();
     fs::write(f.m("big2"), &chunk2).unwrap();
     let o = ctl_raw(&f, &["checkpoint", "create", "--name", "two"]);
-    assert_ne!(o.status.code(), Some(0), "checkpoint must fail on a full disk");
+    assert_ne!(
+        o.status.code(),
+        Some(0),
+        "checkpoint must fail on a full disk"
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.to_lowercase().contains("space"), "{err}");
     // Nothing lost: the union and the first checkpoint are intact.

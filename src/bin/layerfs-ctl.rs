@@ -963,9 +963,7 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
             return None;
         }
         rest = &rest[1..];
-        let end = rest
-            .find(|c: char| matches!(c, 'Z' | 'z' | '+' | '-'))
-            .unwrap_or(rest.len());
+        let end = rest.find(['Z', 'z', '+', '-']).unwrap_or(rest.len());
         let (clock, tz) = rest.split_at(end);
         let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
         let parts: Vec<&str> = hms.split(':').collect();

@@ -49,27 +49,45 @@ pub enum Op {
     /// Mount, layers, journal position, last checkpoint, health.
     Status,
     /// Journal records matching the query, oldest first.
-    Journal { query: JournalQuery },
+    Journal {
+        query: JournalQuery,
+    },
     /// Stream records from `from_seq` on as `Event::Record`, then keep
     /// streaming new ones as they are written until the client disconnects.
-    Follow { from_seq: u64 },
+    Follow {
+        from_seq: u64,
+    },
     CheckpointCreate {
         name: Option<String>,
         message: Option<String>,
     },
     CheckpointList,
-    CheckpointShow { name: String },
+    CheckpointShow {
+        name: String,
+    },
     /// `b` None: against the live state.
-    CheckpointDiff { a: String, b: Option<String> },
-    CheckpointDelete { name: String },
+    CheckpointDiff {
+        a: String,
+        b: Option<String>,
+    },
+    CheckpointDelete {
+        name: String,
+    },
     /// Make the union exactly checkpoint `name`.
-    Rollback { name: String },
+    Rollback {
+        name: String,
+    },
     /// Bring back `paths` (union paths) as they are in checkpoint `name`.
-    Restore { name: String, paths: Vec<String> },
+    Restore {
+        name: String,
+        paths: Vec<String>,
+    },
     /// Re-hash every stored object.
     Verify,
     /// Apply a retention policy now (fields that are None keep nothing by that rule).
-    Prune { policy: Retention },
+    Prune {
+        policy: Retention,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -84,9 +102,21 @@ pub struct Retention {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Reply {
-    Ok { v: u32, id: u64, result: serde_json::Value },
-    Err { v: u32, id: u64, error: ApiError },
-    Event { v: u32, id: u64, event: serde_json::Value },
+    Ok {
+        v: u32,
+        id: u64,
+        result: serde_json::Value,
+    },
+    Err {
+        v: u32,
+        id: u64,
+        error: ApiError,
+    },
+    Event {
+        v: u32,
+        id: u64,
+        event: serde_json::Value,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

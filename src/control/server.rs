@@ -170,15 +170,14 @@ pub fn spawn(path: &Path, handler: Arc<dyn Handler>, access: Access) -> io::Resu
             format!("cannot bind the control socket {}", path.display()),
         )
     })?;
-    // The peer check does not depend on the mode; the mode keeps everyone
-    // else from even connecting.
-    let mode = if access.gid.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    if let Some(g) = access.gid {
-        std::os::unix::fs::chown(path, None, Some(g))
-            .map_err(|e| annotate(e, format!("cannot chown {} to group {g}", path.display())))?;
-    }
-    let meta = std::fs::symlink_metadata(path)?;
+    let meta = match restrict(path, &access) {
+        Ok(m) => m,
+        Err(e) => {
+            // Do not leave a socket nobody serves behind.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+    };
     let listener = Arc::new(listener);
     let stop = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
@@ -206,6 +205,19 @@ pub fn spawn(path: &Path, handler: Arc<dyn Handler>, access: Access) -> io::Resu
         shared,
         ident: (meta.dev(), meta.ino()),
     })
+}
+
+/// Set the socket file's mode and group; returns its metadata.
+fn restrict(path: &Path, access: &Access) -> io::Result<std::fs::Metadata> {
+    // The peer check does not depend on the mode; the mode keeps everyone
+    // else from even connecting.
+    let mode = if access.gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some(g) = access.gid {
+        std::os::unix::fs::chown(path, None, Some(g))
+            .map_err(|e| annotate(e, format!("cannot chown {} to group {g}", path.display())))?;
+    }
+    std::fs::symlink_metadata(path)
 }
 
 fn annotate(e: io::Error, what: String) -> io::Error {
@@ -573,7 +585,10 @@ fn answer(
                     "the client is gone",
                 ));
             }
-            let r = send(stream, &Reply::event(req.id, event));
+            // An event too large for a frame is refused to the handler;
+            // the connection itself stays usable.
+            let buf = encode_frame(&Reply::event(req.id, event))?;
+            let r = stream.write_all(&buf);
             if r.is_err() {
                 alive = false;
             }

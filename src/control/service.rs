@@ -39,10 +39,7 @@ const FOLLOW_BATCH: u64 = 1000;
 
 impl Service {
     fn status(&self) -> Result<Status, ApiError> {
-        let (total, free) = match self.checkpoints_fs_usage() {
-            Ok(v) => v,
-            Err(_) => (0, 0),
-        };
+        let (total, free) = self.checkpoints_fs_usage().unwrap_or_default();
         let mut health = Vec::new();
         if self.journal.failed() {
             health.push("journal writes failed (disk full?): changes since are not recorded");
@@ -52,7 +49,11 @@ impl Service {
         }
         Ok(Status {
             mountpoint: self.mountpoint.display().to_string(),
-            lowers: self.lowers.iter().map(|p| p.display().to_string()).collect(),
+            lowers: self
+                .lowers
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
             upper: self.upper.as_ref().map(|p| p.display().to_string()),
             statedir: self.statedir.as_ref().map(|p| p.display().to_string()),
             journal_seq: self.journal.last_seq(),

@@ -248,7 +248,14 @@ fn make_entry(name: &[u8], st: &Stat, xattrs: Vec<(Vec<u8>, Vec<u8>)>, payload: 
         gid: st.st_gid,
         atime: (st.st_atime, st.st_atime_nsec as u32),
         mtime: (st.st_mtime, st.st_mtime_nsec as u32),
-        size: st.st_size as u64,
+        // A directory's size is the filesystem's bookkeeping (ext4 never
+        // shrinks one), not content: recording it would make a restored
+        // directory differ from its checkpoint forever.
+        size: if fmt == libc::S_IFDIR {
+            0
+        } else {
+            st.st_size as u64
+        },
         rdev: st.st_rdev,
         link: if fmt == libc::S_IFREG && st.st_nlink > 1 {
             st.st_ino

@@ -128,16 +128,17 @@ pub(crate) fn dir_hash(e: &Entry) -> Option<&Hash> {
     }
 }
 
-/// Equal except for the payload (and the name): a directory's own metadata.
+/// Equal as a user sees it, apart from the payload: access times move on
+/// every read, and hard-link ids are inode numbers that a restore renews;
+/// whether an entry is linked is what counts.
 fn same_meta(a: &Entry, b: &Entry) -> bool {
     a.mode == b.mode
         && a.uid == b.uid
         && a.gid == b.gid
-        && a.atime == b.atime
         && a.mtime == b.mtime
         && a.size == b.size
         && a.rdev == b.rdev
-        && a.link == b.link
+        && (a.link != 0) == (b.link != 0)
         && a.xattrs == b.xattrs
 }
 
@@ -170,7 +171,11 @@ fn diff_trees(
                             diff_trees(store, &path, &sa, &sb, out)?;
                         }
                     }
-                    _ => out.push(modified(&path, a, b)),
+                    _ => {
+                        if a.payload != b.payload || !same_meta(a, b) {
+                            out.push(modified(&path, a, b));
+                        }
+                    }
                 }
             }
             (None, None) => {}

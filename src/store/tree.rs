@@ -105,13 +105,19 @@ impl<'a> Rd<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> io::Result<u16> {
-        Ok(u16::from_be_bytes(self.take(2)?.try_into().map_err(|_| bad("u16"))?))
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().map_err(|_| bad("u16"))?,
+        ))
     }
     fn u32(&mut self) -> io::Result<u32> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().map_err(|_| bad("u32"))?))
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().map_err(|_| bad("u32"))?,
+        ))
     }
     fn u64(&mut self) -> io::Result<u64> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().map_err(|_| bad("u64"))?))
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().map_err(|_| bad("u64"))?,
+        ))
     }
     fn hash(&mut self) -> io::Result<Hash> {
         self.take(32)?.try_into().map_err(|_| bad("hash"))
