@@ -55,9 +55,9 @@ fi
 
 # 1. The release binary.
 if [ "$no_build" = 1 ]; then
-    [ -x "$bin" ] || { echo "build-packages: --no-build but $bin does not exist" >&2; exit 1; }
+    [ -x "$bin" ] && [ -x "$bin-ctl" ] || { echo "build-packages: --no-build but $bin or $bin-ctl does not exist" >&2; exit 1; }
 else
-    cargo build --release --locked -p layerfs --bin layerfs "${target_args[@]}"
+    cargo build --release --locked -p layerfs --bin layerfs --bin layerfs-ctl "${target_args[@]}"
 fi
 
 # The strip matching the target: host strip, or the GNU cross binutils' one.
@@ -86,6 +86,7 @@ fi
 # Stripped copy for the rpm (cargo-generate-rpm packages files as they are;
 # cargo-deb strips its own copy). The binary in target/ is left untouched.
 "$strip" -o "$stage/bin/layerfs" "$bin"
+"$strip" -o "$stage/bin/layerfs-ctl" "$bin-ctl"
 
 # 3. The packages. cargo-deb prints the path of the .deb on stdout.
 deb_args=()

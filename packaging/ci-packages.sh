@@ -184,6 +184,9 @@ installed_layerfs() {
     echo "changed" >> "$d/mnt/a.txt"
     rm "$d/mnt/dir/b.txt"
     sync
+    # The installed CLI reaches the mount's control socket.
+    /usr/bin/layerfs-ctl -m "$d/mnt" checkpoint create --name ci >/dev/null || die "layerfs-ctl checkpoint failed"
+    /usr/bin/layerfs-ctl -m "$d/mnt" log --op unlink | grep -q '/dir/b.txt' || die "journal lacks the unlink"
     [ "$(cat "$d/upper/new.txt")" = "written through the union" ] || die "upper layer lacks new.txt"
     grep -q changed "$d/upper/a.txt" || die "a.txt was not copied up"
     [ "$(cat "$d/lower/a.txt")" = "from the lower layer" ] || die "lower layer was modified"
