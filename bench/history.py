@@ -411,19 +411,32 @@ def part_journal(a, out):
     p = subprocess.run(cmd, env=env)
     if p.returncode != 0:
         raise BenchError(f"bench/run.sh exited {p.returncode}")
-    with open(os.path.join(jout, "results.json")) as f:
+    return load_journal(os.path.join(jout, "results.json"), " ".join(cmd))
+
+
+def load_journal(path, command):
+    """The journal part's rows from bench.py's results.json."""
+    with open(path) as f:
         js = json.load(f)
     rows = []
     for r in js["rows"]:
         if r["key"] not in JOURNAL_KEYS:
             continue
-        v = r["values"]
+        v, runs = r["values"], r["runs"]
         cost = None if not r.get("vs_nojournal") else 1 / r["vs_nojournal"] - 1
+        # Best of the runs too: other load on the machine only ever slows a run down, so the best run
+        # is the least disturbed one; the spread (slowest / fastest run) says how disturbed they were.
+        on, off = runs.get("layerfs") or [], runs.get("layerfs-nojournal") or []
+        pick = max if r["better"] == "higher" else min
+        cost_best = spread = None
+        if on and off and pick(on) and pick(off):
+            cost_best = (pick(off) / pick(on) if r["better"] == "higher" else pick(on) / pick(off)) - 1
+            spread = max(max(x) / min(x) for x in (on, off) if min(x) > 0)
         rows.append(dict(key=r["key"], workload=r["workload"], unit=r["unit"], better=r["better"],
                          overlay=v.get("overlay"), layerfs=v.get("layerfs"),
-                         nojournal=v.get("layerfs-nojournal"), cost=cost, vs_kernel=r.get("vs_kernel"),
-                         runs=r["runs"], errors=r["errors"]))
-    return dict(rows=rows, meta=js["meta"], command=" ".join(cmd))
+                         nojournal=v.get("layerfs-nojournal"), cost=cost, cost_best=cost_best, spread=spread,
+                         vs_kernel=r.get("vs_kernel"), runs=runs, errors=r["errors"]))
+    return dict(rows=rows, meta=js["meta"], command=command)
 
 
 # --------------------------------------------------------------------------- report
@@ -500,6 +513,10 @@ def summarise(P, cp, dd, jn):
                 ok, val = None, "-"
             else:
                 ok, val = r["cost"] < BARS["journal_cost"], f"{r['cost'] * 100:+.1f} %"
+                if r.get("cost_best") is not None:
+                    val += f" (best runs: {r['cost_best'] * 100:+.1f} %)"
+                if (r.get("spread") or 0) > 1.3:
+                    val += f"; noisy: runs differ up to {r['spread']:.1f}x"
                 worst = r["cost"] if worst is None else max(worst, r["cost"])
             unit = r["unit"]
             fmt = (lambda v: "-" if v is None else (f"{v:.3f}" if unit == "s" else f"{v:,.0f}"))
@@ -546,8 +563,15 @@ def write_report(P, meta, cp, dd, jn, errors, out, results_dir):
         md += ["", "Dedup checkpoints: " + ", ".join(f"{c['name']} {f_s(c['took'])} (held {f_s(c['hold'])})"
                                                   for c in dd["rounds"])]
     if jn:
-        md += ["", f"Journal overhead: `{jn['command']}` (medians of {jn['meta']['runs']} run(s); "
-               f"full table in journal/results.md of the output directory)."]
+        md += ["", f"Journal overhead: `{jn['command']}` (medians of {jn['meta']['runs']} run(s), load average "
+               f"{jn['meta'].get('loadavg_start', '?')} at the start; full table in journal/results.md of the "
+               f"output directory). Every run:", "",
+               "| workload | unit | kernel overlayfs | layerfs | layerfs journal=off |", "|---|---|---|---|---|"]
+        for r in jn["rows"]:
+            fmt = (lambda v, u=r["unit"]: f"{v:.3f}" if u == "s" else f"{v:,.0f}")
+            md.append(f"| {r['key']} | {r['unit']} | " + " | ".join(
+                ", ".join(fmt(x) for x in r["runs"].get(b) or []) or "-"
+                for b in ("overlay", "layerfs", "layerfs-nojournal")) + " |")
     if errors:
         md += ["", "Errors:", ""] + [f"{i + 1}. {e}" for i, e in enumerate(errors)]
     text = "\n".join(md) + "\n"

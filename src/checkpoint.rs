@@ -299,7 +299,24 @@ impl Checkpoints {
 
     /// Capture the upper as it is now (gate held by the caller). Returns the
     /// root, the journal seq it includes, and the capture's totals.
-    fn capture_now(&self) -> Result<(Hash, u64, capture::Totals), ApiError> {
+    /// Capture outside the pause first: new data is stored and hashed while
+    /// writers run, so the capture under the pause only re-reads what changed
+    /// in between. Its result is thrown away (unreferenced objects are swept).
+    fn prepare(&self) -> capture::HashCache {
+        let cache = capture::HashCache::default();
+        let t = Instant::now();
+        if let Err(e) = self.capture_now(Some(&cache)) {
+            // The real capture will report it, under the pause.
+            tracing::debug!(err = %e, "capture outside the pause failed");
+        }
+        tracing::debug!(ms = ms(t), "capture outside the pause");
+        cache
+    }
+
+    fn capture_now(
+        &self,
+        cache: Option<&capture::HashCache>,
+    ) -> Result<(Hash, u64, capture::Totals), ApiError> {
         let upper = self.upper()?;
         let seq = self.journal.last_seq();
         let head = self.head()?;
@@ -307,7 +324,8 @@ impl Checkpoints {
             Some(h) => (Some(root_of(&h.root)?), self.dirty(h.seq, seq)?),
             None => (None, BTreeMap::new()),
         };
-        let (root, stats) = capture::capture(&self.store, upper, base.as_ref(), &dirty)?;
+        let (root, stats) =
+            capture::capture_cached(&self.store, upper, base.as_ref(), &dirty, cache)?;
         let base_totals = match (&head, &base) {
             (
                 Some(Head {
@@ -359,9 +377,10 @@ impl Checkpoints {
             }
             None => self.unique_name("cp-")?,
         };
+        let cache = self.prepare();
         let gate = self.union.gate.write();
         let th = Instant::now();
-        let captured = self.capture_now();
+        let captured = self.capture_now(Some(&cache));
         drop(gate);
         let hold_ms = ms(th);
         let (root, seq, stats) = captured?;
@@ -426,8 +445,9 @@ impl Checkpoints {
             Some(b) => root_of(&self.record(b)?.root)?,
             None => {
                 let _op = self.op_lock.lock();
+                let cache = self.prepare();
                 let gate = self.union.gate.write();
-                let r = self.capture_now();
+                let r = self.capture_now(Some(&cache));
                 drop(gate);
                 r?.0
             }
@@ -582,10 +602,11 @@ impl Checkpoints {
         root_of(&target_rec.root)?;
         let upper = self.upper()?;
         let work = self.union.layers.work()?;
+        let cache = self.prepare();
         let gate = self.union.gate.write();
         let th = Instant::now();
         // Save the current state: the roll-forward point.
-        let (current, seq, stats) = self.capture_now()?;
+        let (current, seq, stats) = self.capture_now(Some(&cache))?;
         self.store.sync()?;
         let saved = CheckpointRec {
             name: self.unique_name(if only.is_some() {

@@ -1,5 +1,21 @@
-//! (being written)
+//! The audit log: one record per call (local API and coordinator alike),
+//! stored durably in RocksDB at `state_dir/audit`.
+//!
+//! Format (version 1): key = sequence number, u64 big-endian (so keys sort in
+//! call order); value = one version byte (1) followed by the record's JSON.
+//! Records of denied and state-changing calls are written with a synced WAL
+//! (they survive a power loss once the call has answered); read-only calls
+//! are written through the WAL without fsync (they survive a crash of
+//! layerd, and a power loss only if the OS wrote them back).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
+
+use crate::{Caller, Role};
 
 /// Filter for the audit log; every field narrows.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -12,4 +28,251 @@ pub struct AuditQuery {
     /// Only denied calls.
     pub denied: bool,
     pub limit: Option<u64>,
+}
+
+/// Records returned when the query sets no limit, and the most it may ask for.
+pub const DEFAULT_LIMIT: u64 = 1000;
+pub const MAX_LIMIT: u64 = 100_000;
+pub const FORMAT_VERSION: u8 = 1;
+const CF_AUDIT: &str = "audit";
+/// Records carry the call's start time but are numbered at its end, so the
+/// time order can differ from the key order by up to the longest call (and
+/// by clock steps): a backwards scan stops only this far before `since_ns`.
+const TIME_SLACK_NS: i64 = 24 * 3600 * 1_000_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditResult {
+    Ok,
+    Denied,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Assigned by `AuditLog::append` (0 before).
+    pub seq: u64,
+    /// When the call started (Unix ns).
+    pub time_ns: i64,
+    pub caller: Caller,
+    /// The caller's role at the time (None: no grant).
+    pub role: Option<Role>,
+    /// "checkpoint_create", "follow", ...
+    pub op: String,
+    /// Mount name, for operations on one mount.
+    pub mount: Option<String>,
+    /// The operation's arguments (the `AgentOp`'s fields).
+    pub args: serde_json::Value,
+    pub result: AuditResult,
+    pub error: Option<String>,
+    pub duration_ms: f64,
+}
+
+impl AuditRecord {
+    fn matches(&self, q: &AuditQuery) -> bool {
+        if q.since_ns.is_some_and(|t| self.time_ns < t) || q.until_ns.is_some_and(|t| self.time_ns > t) {
+            return false;
+        }
+        if let Some(u) = q.uid {
+            if !matches!(self.caller, Caller::Local { uid, .. } if uid == u) {
+                return false;
+            }
+        }
+        if q.op.as_deref().is_some_and(|o| o != self.op) {
+            return false;
+        }
+        !(q.denied && self.result != AuditResult::Denied)
+    }
+}
+
+pub struct AuditLog {
+    db: DB,
+    path: PathBuf,
+    next_seq: AtomicU64,
+}
+
+impl AuditLog {
+    /// Open (or create) the audit database at `dir` (created 0700: the
+    /// arguments of calls are nobody else's business).
+    pub fn open(dir: &Path) -> anyhow::Result<AuditLog> {
+        if let Some(parent) = dir.parent() {
+            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+                .create(parent)
+                .with_context(|| format!("cannot create the state directory {}", parent.display()))?;
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Small footprint: a guest, small records.
+        opts.set_write_buffer_size(4 << 20);
+        opts.set_max_write_buffer_number(2);
+        opts.set_max_open_files(64);
+        opts.set_keep_log_file_num(2);
+        opts.set_max_total_wal_size(16 << 20);
+        opts.set_compression_type(rocksdb::DBCompressionType::None);
+        let cfs = [ColumnFamilyDescriptor::new(CF_AUDIT, Options::default())];
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
+            let s = e.to_string();
+            if s.contains("lock") || s.contains("Resource temporarily unavailable") {
+                anyhow::anyhow!(
+                    "the audit log {} is in use by another process (is another layerd running with this state_dir?): {s}",
+                    dir.display()
+                )
+            } else {
+                anyhow::anyhow!("cannot open the audit log {}: {s}", dir.display())
+            }
+        })?;
+        let last = {
+            let cf = db
+                .cf_handle(CF_AUDIT)
+                .context("audit column family missing")?;
+            match db.iterator_cf(&cf, IteratorMode::End).next() {
+                Some(Ok((k, _))) => u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])),
+                Some(Err(e)) => anyhow::bail!("cannot read the audit log {}: {e}", dir.display()),
+                None => 0,
+            }
+        };
+        Ok(AuditLog {
+            db,
+            path: dir.to_path_buf(),
+            next_seq: AtomicU64::new(last + 1),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Highest sequence number handed out (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::SeqCst) - 1
+    }
+
+    /// Store `rec` under the next sequence number (returned); `sync`: fsync
+    /// the WAL before returning.
+    pub fn append(&self, mut rec: AuditRecord, sync: bool) -> anyhow::Result<u64> {
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        rec.seq = seq;
+        let mut value = vec![FORMAT_VERSION];
+        serde_json::to_writer(&mut value, &rec)?;
+        let cf = self.db.cf_handle(CF_AUDIT).context("audit column family missing")?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db
+            .put_cf_opt(&cf, seq.to_be_bytes(), value, &wo)
+            .with_context(|| format!("cannot write to the audit log {}", self.path.display()))?;
+        Ok(seq)
+    }
+
+    /// The most recent `limit` records matching `q`, oldest first.
+    pub fn query(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditRecord>> {
+        let limit = q.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT) as usize;
+        let cf = self.db.cf_handle(CF_AUDIT).context("audit column family missing")?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(&cf, IteratorMode::End) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.with_context(|| format!("cannot read the audit log {}", self.path.display()))?;
+            let rec = match decode(&v) {
+                Ok(r) => r,
+                Err(e) => {
+                    let seq = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                    tracing::warn!(seq, "unreadable audit record skipped: {e}");
+                    continue;
+                }
+            };
+            if q.since_ns.is_some_and(|t| rec.time_ns < t.saturating_sub(TIME_SLACK_NS)) {
+                break;
+            }
+            if rec.matches(q) {
+                out.push(rec);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
+fn decode(v: &[u8]) -> anyhow::Result<AuditRecord> {
+    match v.split_first() {
+        Some((&FORMAT_VERSION, json)) => Ok(serde_json::from_slice(json)?),
+        Some((other, _)) => anyhow::bail!("record format version {other}, this layerd reads {FORMAT_VERSION}"),
+        None => anyhow::bail!("empty record"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(uid: u32, op: &str, result: AuditResult, t: i64) -> AuditRecord {
+        AuditRecord {
+            seq: 0,
+            time_ns: t,
+            caller: Caller::Local {
+                uid,
+                gid: uid,
+                pid: 7,
+                groups: vec![],
+            },
+            role: Some(Role::Monitor),
+            op: op.into(),
+            mount: Some("root".into()),
+            args: serde_json::json!({"name": "x"}),
+            result,
+            error: None,
+            duration_ms: 0.5,
+        }
+    }
+
+    #[test]
+    fn append_query_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state/audit");
+        {
+            let log = AuditLog::open(&p).unwrap();
+            assert_eq!(log.last_seq(), 0);
+            assert_eq!(log.append(rec(1, "status", AuditResult::Ok, 10), false).unwrap(), 1);
+            assert_eq!(
+                log.append(rec(2, "checkpoint_create", AuditResult::Denied, 20), true)
+                    .unwrap(),
+                2
+            );
+            log.append(rec(1, "rollback", AuditResult::Error, 30), true).unwrap();
+        }
+        let log = AuditLog::open(&p).unwrap();
+        assert_eq!(log.last_seq(), 3);
+        let all = log.query(&AuditQuery::default()).unwrap();
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(all[1].op, "checkpoint_create");
+        let q = |f: fn(&mut AuditQuery)| {
+            let mut q = AuditQuery::default();
+            f(&mut q);
+            log.query(&q).unwrap().iter().map(|r| r.seq).collect::<Vec<_>>()
+        };
+        assert_eq!(q(|q| q.uid = Some(1)), vec![1, 3]);
+        assert_eq!(q(|q| q.denied = true), vec![2]);
+        assert_eq!(q(|q| q.op = Some("rollback".into())), vec![3]);
+        assert_eq!(q(|q| q.since_ns = Some(15)), vec![2, 3]);
+        assert_eq!(q(|q| q.until_ns = Some(20)), vec![1, 2]);
+        // The most recent ones, oldest first.
+        assert_eq!(q(|q| q.limit = Some(2)), vec![2, 3]);
+        assert_eq!(log.append(rec(1, "status", AuditResult::Ok, 40), false).unwrap(), 4);
+        // Stored format: version byte, then JSON.
+        let cf = log.db.cf_handle(CF_AUDIT).unwrap();
+        let v = log.db.get_cf(&cf, 4u64.to_be_bytes()).unwrap().unwrap();
+        assert_eq!(v[0], 1);
+        let j: serde_json::Value = serde_json::from_slice(&v[1..]).unwrap();
+        assert_eq!(j["result"], "ok");
+        assert_eq!(j["caller"]["kind"], "local");
+    }
+
+    #[test]
+    fn second_opener_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = AuditLog::open(dir.path()).unwrap();
+        let e = AuditLog::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("in use"), "{e}");
+    }
 }

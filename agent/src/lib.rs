@@ -13,6 +13,7 @@ pub mod api;
 pub mod audit;
 pub mod config;
 pub mod coordinator;
+pub mod http_client;
 pub mod link;
 pub mod mounts;
 pub mod ops;

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod render;
 pub mod server;
 pub mod service;
 

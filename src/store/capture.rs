@@ -267,8 +267,56 @@ fn make_entry(name: &[u8], st: &Stat, xattrs: Vec<(Vec<u8>, Vec<u8>)>, payload: 
     }
 }
 
+/// Hashes of files by identity, size and times, from a capture made just
+/// before, outside the writers' pause, so the capture inside the pause reads
+/// only files that changed since. An entry is made only for a file whose
+/// ctime is older than the moment it was read by more than the timestamp
+/// granularity (a write in the same clock tick would not move ctime) and
+/// that did not change while it was read.
+#[derive(Default)]
+pub struct HashCache {
+    map: parking_lot::Mutex<HashMap<(u64, u64), (i64, (i64, i64), (i64, i64), Hash)>>,
+}
+
+/// Timestamps are taken from a coarse clock (a jiffy, up to 10 ms).
+const CTIME_MARGIN_NS: i64 = 50_000_000;
+
+fn stamp(st: &Stat) -> (i64, (i64, i64), (i64, i64)) {
+    (
+        st.st_size,
+        (st.st_mtime, st.st_mtime_nsec),
+        (st.st_ctime, st.st_ctime_nsec),
+    )
+}
+
+impl HashCache {
+    fn get(&self, st: &Stat) -> Option<Hash> {
+        let m = self.map.lock();
+        let (size, mtime, ctime, h) = m.get(&(st.st_dev, st.st_ino))?;
+        ((*size, *mtime, *ctime) == stamp(st)).then_some(*h)
+    }
+
+    fn put(&self, st: &Stat, after: &Stat, read_at_ns: i64, h: Hash) {
+        let ctime_ns = st.st_ctime * 1_000_000_000 + st.st_ctime_nsec;
+        if stamp(st) == stamp(after) && ctime_ns < read_at_ns - CTIME_MARGIN_NS {
+            let (size, mtime, ctime) = stamp(st);
+            self.map
+                .lock()
+                .insert((st.st_dev, st.st_ino), (size, mtime, ctime, h));
+        }
+    }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
 struct Cap<'a> {
     store: &'a ObjectStore,
+    cache: Option<&'a HashCache>,
     /// Data of files with several names, so each is read once per capture.
     links: HashMap<(u64, u64), (Hash, u64)>,
     stats: CaptureStats,
@@ -283,7 +331,18 @@ impl Cap<'_> {
                 return Ok(*h);
             }
         }
+        if let Some(h) = self.cache.and_then(|c| c.get(st)) {
+            if self.store.contains(&h) {
+                return Ok(h);
+            }
+        }
+        let read_at = now_ns();
         let s = self.store.store_file(fd)?;
+        if let Some(c) = self.cache {
+            if let Ok(after) = sys::fstat(fd) {
+                c.put(st, &after, read_at, s.hash);
+            }
+        }
         if s.new {
             self.stats.stored_files += 1;
             self.stats.stored_bytes += s.size;
@@ -538,8 +597,20 @@ pub fn capture(
     base: Option<&Hash>,
     dirty: &BTreeMap<Vec<u8>, Depth>,
 ) -> io::Result<(Hash, CaptureStats)> {
+    capture_cached(store, upper, base, dirty, None)
+}
+
+/// `capture`, trusting (and filling) `cache` for files that did not change.
+pub fn capture_cached(
+    store: &ObjectStore,
+    upper: BorrowedFd<'_>,
+    base: Option<&Hash>,
+    dirty: &BTreeMap<Vec<u8>, Depth>,
+    cache: Option<&HashCache>,
+) -> io::Result<(Hash, CaptureStats)> {
     let mut cap = Cap {
         store,
+        cache,
         links: HashMap::new(),
         stats: CaptureStats::default(),
     };
@@ -693,6 +764,29 @@ mod tests {
 
     fn full(e: &Env) -> (Hash, CaptureStats) {
         capture(&e.store, e.upfd.as_fd(), None, &BTreeMap::new()).unwrap()
+    }
+
+    #[test]
+    fn hash_cache_never_hides_a_change() {
+        let e = env();
+        let f = e.up.path().join("conf");
+        std::fs::write(&f, b"one").unwrap();
+        // Older than the ctime margin, so the cache may keep it.
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        let cache = HashCache::default();
+        let cap = |c| {
+            capture_cached(&e.store, e.upfd.as_fd(), None, &BTreeMap::new(), Some(c))
+                .unwrap()
+                .0
+        };
+        let h1 = cap(&cache);
+        assert!(!cache.map.lock().is_empty(), "files older than the margin are cached");
+        assert_eq!(cap(&cache), h1, "unchanged: same tree from the cache");
+        // Same size, rewritten at once: ctime moves, the cache must not answer.
+        std::fs::write(&f, b"two").unwrap();
+        let h2 = cap(&cache);
+        assert_ne!(h2, h1);
+        assert_eq!(h2, full(&e).0);
     }
 
     /// Incremental capture from `base` must give exactly the full capture.
