@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ GiB, MiB = 1 << 30, 1 << 20
 SIZES = {
     # rounds: change sets per variant (checkpoint right after the changes / after a separate sync).
     "full": dict(files=100_000, bytes=5 * GiB, lower_files=1_000, rewrite=1_000, create=100, delete=100,
-                 rounds=3, dedup_files=1_024, dedup_rewrite=10, dedup_checkpoints=10, journal_runs=5,
+                 rounds=3, dedup_files=1_024, dedup_rewrite=10, dedup_checkpoints=10, journal_runs=9,
                  image="40G"),
     "quick": dict(files=10_000, bytes=200 * MiB, lower_files=200, rewrite=100, create=10, delete=10,
                   rounds=3, dedup_files=100, dedup_rewrite=1, dedup_checkpoints=10, journal_runs=1,
@@ -623,6 +624,8 @@ def main():
         sys.exit("history: must run as root (mounts, loop devices)")
     # Absolute: mount points are compared with /proc/self/mountinfo.
     a.workdir, a.out = os.path.realpath(a.workdir), os.path.realpath(a.out)
+    # SIGTERM (history.sh forwards Ctrl-C as one) unwinds like an error: the finally blocks unmount.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode = "quick" if a.quick else "full"
     P = dict(SIZES[mode])
     a.journal_runs = a.journal_runs or P["journal_runs"]

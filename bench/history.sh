@@ -62,22 +62,26 @@ if ! flock -n 9; then
   flock 9
 fi
 
-# Mounts and loop devices of this script (never bench.py's): left by a killed run, or by this one.
-cleanup() {
+# Mounts and loop devices under a prefix, deepest mount first.
+clear_under() {
   local m dev
-  for m in $(awk -v p="$workdir/history-" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
+  for m in $(awk -v p="$1" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
     echo "cleanup: unmounting $m"
     umount "$m" 2>/dev/null || umount -l "$m" || true
   done
-  for dev in $(losetup -a | awk -F: -v p="$workdir/history-" 'index($0, p) {print $1}'); do
+  for dev in $(losetup -a | awk -F: -v p="$1" 'index($0, p) {print $1}'); do
     echo "cleanup: detaching $dev"
     losetup -d "$dev" || true
   done
 }
+# What a killed run left: our own image (history-*) always; the journal part's (bench.py's) only
+# when no benchmark holds WORKDIR/.lock, i.e. nobody is using them.
+cleanup() {
+  clear_under "$workdir/history-"
+  (flock -n 8 && clear_under "$workdir/") 8>"$workdir/.lock" || true
+}
 cleanup
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 # Copy the binaries so that a concurrent rebuild cannot change them mid-run.
 cp -f "$LAYERFS" "$out/layerfs"
@@ -85,5 +89,16 @@ cp -f "$LAYERFS_CTL" "$out/layerfs-ctl"
 version="$(cd "$root" && git describe --always --dirty 2>/dev/null || echo unknown)"
 version="$version (layerfs sha256 $(sha256sum "$out/layerfs" | cut -c1-12), built $(date -u -r "$LAYERFS" '+%Y-%m-%d %H:%M UTC'))"
 
+# In the background, so that a signal reaches the trap at once; history.py turns SIGTERM into an
+# orderly exit (unmounts, detaches the loop device), then the EXIT trap checks again.
 python3 "$here/history.py" --layerfs "$out/layerfs" --ctl "$out/layerfs-ctl" \
-  --layerfs-version "$version" --out "$out" "$@"
+  --layerfs-version "$version" --out "$out" "$@" &
+child=$!
+trap 'kill -TERM $child 2>/dev/null || true' INT TERM
+rc=0
+wait $child || rc=$?
+while kill -0 $child 2>/dev/null; do
+  rc=0
+  wait $child || rc=$?
+done
+exit $rc

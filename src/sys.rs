@@ -829,3 +829,39 @@ pub fn shutdown_socket(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain syscall on an open descriptor.
     check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) }).map(drop)
 }
+
+/// The listening socket systemd passed as descriptor `fd` (socket activation,
+/// `LISTEN_FDS`): checked to be a listening Unix stream socket and returned as
+/// a close-on-exec duplicate that the caller owns; the inherited descriptor is
+/// left open (nothing else owns it, so it is never closed twice).
+pub fn inherited_unix_listener(fd: RawFd) -> io::Result<std::os::unix::net::UnixListener> {
+    // SAFETY: fcntl on any integer; fails with EBADF if it is not open.
+    let dup = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: dup is a descriptor fcntl just created; nothing else owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+    let opt = |name: libc::c_int| -> io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: v and len are valid out pointers of the sizes given.
+        check(unsafe {
+            libc::getsockopt(
+                owned.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(v)
+    };
+    let ok = opt(libc::SO_DOMAIN)? == libc::AF_UNIX
+        && opt(libc::SO_TYPE)? == libc::SOCK_STREAM
+        && opt(libc::SO_ACCEPTCONN)? == 1;
+    if !ok {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a listening Unix stream socket"),
+        ));
+    }
+    Ok(std::os::unix::net::UnixListener::from(owned))
+}

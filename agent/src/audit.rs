@@ -70,7 +70,9 @@ pub struct AuditRecord {
 
 impl AuditRecord {
     fn matches(&self, q: &AuditQuery) -> bool {
-        if q.since_ns.is_some_and(|t| self.time_ns < t) || q.until_ns.is_some_and(|t| self.time_ns > t) {
+        if q.since_ns.is_some_and(|t| self.time_ns < t)
+            || q.until_ns.is_some_and(|t| self.time_ns > t)
+        {
             return false;
         }
         if let Some(u) = q.uid {
@@ -96,9 +98,12 @@ impl AuditLog {
     /// arguments of calls are nobody else's business).
     pub fn open(dir: &Path) -> anyhow::Result<AuditLog> {
         if let Some(parent) = dir.parent() {
-            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-                .create(parent)
-                .with_context(|| format!("cannot create the state directory {}", parent.display()))?;
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(parent)
+            .with_context(|| format!("cannot create the state directory {}", parent.display()))?;
         }
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -155,7 +160,10 @@ impl AuditLog {
         rec.seq = seq;
         let mut value = vec![FORMAT_VERSION];
         serde_json::to_writer(&mut value, &rec)?;
-        let cf = self.db.cf_handle(CF_AUDIT).context("audit column family missing")?;
+        let cf = self
+            .db
+            .cf_handle(CF_AUDIT)
+            .context("audit column family missing")?;
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db
@@ -167,13 +175,17 @@ impl AuditLog {
     /// The most recent `limit` records matching `q`, oldest first.
     pub fn query(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditRecord>> {
         let limit = q.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT) as usize;
-        let cf = self.db.cf_handle(CF_AUDIT).context("audit column family missing")?;
+        let cf = self
+            .db
+            .cf_handle(CF_AUDIT)
+            .context("audit column family missing")?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(&cf, IteratorMode::End) {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = item.with_context(|| format!("cannot read the audit log {}", self.path.display()))?;
+            let (k, v) =
+                item.with_context(|| format!("cannot read the audit log {}", self.path.display()))?;
             let rec = match decode(&v) {
                 Ok(r) => r,
                 Err(e) => {
@@ -182,7 +194,9 @@ impl AuditLog {
                     continue;
                 }
             };
-            if q.since_ns.is_some_and(|t| rec.time_ns < t.saturating_sub(TIME_SLACK_NS)) {
+            if q.since_ns
+                .is_some_and(|t| rec.time_ns < t.saturating_sub(TIME_SLACK_NS))
+            {
                 break;
             }
             if rec.matches(q) {
@@ -197,7 +211,9 @@ impl AuditLog {
 fn decode(v: &[u8]) -> anyhow::Result<AuditRecord> {
     match v.split_first() {
         Some((&FORMAT_VERSION, json)) => Ok(serde_json::from_slice(json)?),
-        Some((other, _)) => anyhow::bail!("record format version {other}, this layerd reads {FORMAT_VERSION}"),
+        Some((other, _)) => {
+            anyhow::bail!("record format version {other}, this layerd reads {FORMAT_VERSION}")
+        }
         None => anyhow::bail!("empty record"),
     }
 }
@@ -233,13 +249,18 @@ mod tests {
         {
             let log = AuditLog::open(&p).unwrap();
             assert_eq!(log.last_seq(), 0);
-            assert_eq!(log.append(rec(1, "status", AuditResult::Ok, 10), false).unwrap(), 1);
+            assert_eq!(
+                log.append(rec(1, "status", AuditResult::Ok, 10), false)
+                    .unwrap(),
+                1
+            );
             assert_eq!(
                 log.append(rec(2, "checkpoint_create", AuditResult::Denied, 20), true)
                     .unwrap(),
                 2
             );
-            log.append(rec(1, "rollback", AuditResult::Error, 30), true).unwrap();
+            log.append(rec(1, "rollback", AuditResult::Error, 30), true)
+                .unwrap();
         }
         let log = AuditLog::open(&p).unwrap();
         assert_eq!(log.last_seq(), 3);
@@ -249,7 +270,11 @@ mod tests {
         let q = |f: fn(&mut AuditQuery)| {
             let mut q = AuditQuery::default();
             f(&mut q);
-            log.query(&q).unwrap().iter().map(|r| r.seq).collect::<Vec<_>>()
+            log.query(&q)
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>()
         };
         assert_eq!(q(|q| q.uid = Some(1)), vec![1, 3]);
         assert_eq!(q(|q| q.denied = true), vec![2]);
@@ -258,7 +283,11 @@ mod tests {
         assert_eq!(q(|q| q.until_ns = Some(20)), vec![1, 2]);
         // The most recent ones, oldest first.
         assert_eq!(q(|q| q.limit = Some(2)), vec![2, 3]);
-        assert_eq!(log.append(rec(1, "status", AuditResult::Ok, 40), false).unwrap(), 4);
+        assert_eq!(
+            log.append(rec(1, "status", AuditResult::Ok, 40), false)
+                .unwrap(),
+            4
+        );
         // Stored format: version byte, then JSON.
         let cf = log.db.cf_handle(CF_AUDIT).unwrap();
         let v = log.db.get_cf(&cf, 4u64.to_be_bytes()).unwrap().unwrap();

@@ -269,23 +269,34 @@ impl AgentConfig {
                     message: format!(
                         "{} mounts are configured ({}): name one",
                         ms.len(),
-                        ms.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                        ms.iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                     required_role: None,
                 }),
             },
-            Some(n) => self.mounts.iter().find(|m| m.name == n).ok_or_else(|| crate::AgentError {
-                code: "not_found".into(),
-                message: format!(
-                    "no mount named {n:?}; configured: {}",
-                    if self.mounts.is_empty() {
-                        "none".to_string()
-                    } else {
-                        self.mounts.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
-                    }
-                ),
-                required_role: None,
-            }),
+            Some(n) => self
+                .mounts
+                .iter()
+                .find(|m| m.name == n)
+                .ok_or_else(|| crate::AgentError {
+                    code: "not_found".into(),
+                    message: format!(
+                        "no mount named {n:?}; configured: {}",
+                        if self.mounts.is_empty() {
+                            "none".to_string()
+                        } else {
+                            self.mounts
+                                .iter()
+                                .map(|m| m.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    ),
+                    required_role: None,
+                }),
         }
     }
 }
@@ -354,7 +365,10 @@ role = "manager"
         assert_eq!(c.server_id, "guest01");
         assert_eq!(c.mounts.len(), 2);
         assert_eq!(c.mounts[0].name, "root");
-        assert_eq!(c.mounts[0].socket, PathBuf::from("/run/layerfs/srv-root.sock"));
+        assert_eq!(
+            c.mounts[0].socket,
+            PathBuf::from("/run/layerfs/srv-root.sock")
+        );
         assert_eq!(c.mounts[1].name, "data");
         assert_eq!(c.mounts[1].socket, PathBuf::from("/run/layerfs/data.sock"));
         assert_eq!(c.grants[0].uids, vec![1001]);

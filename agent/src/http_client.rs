@@ -536,7 +536,9 @@ mod tests {
         assert!(s.ends_with("\r\n\r\n{}"));
         let mut out = Vec::new();
         write_request(&mut out, "POST", "/v1/verify", None).unwrap();
-        assert!(String::from_utf8(out).unwrap().contains("Content-Length: 0\r\n"));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Content-Length: 0\r\n"));
         assert!(write_request(&mut Vec::new(), "GET", "/a b", None).is_err());
         assert!(write_request(&mut Vec::new(), "GET", "/a\r\nX: y", None).is_err());
     }

@@ -63,7 +63,12 @@ impl MountHandle {
     }
 
     /// Run `op` on the mount's control socket.
-    pub async fn call(self: &Arc<Self>, op: Op, kind: Kind, timeout: Duration) -> Result<Value, AgentError> {
+    pub async fn call(
+        self: &Arc<Self>,
+        op: Op,
+        kind: Kind,
+        timeout: Duration,
+    ) -> Result<Value, AgentError> {
         let sem = match kind {
             Kind::Quick => self.quick.clone(),
             Kind::Slow => self.slow.clone(),
@@ -92,7 +97,9 @@ impl MountHandle {
             None => self.connect()?,
         };
         let t = (kind == Kind::Quick).then_some(timeout);
-        let mut res = client.set_read_timeout(t).and_then(|_| client.call(op.clone()));
+        let mut res = client
+            .set_read_timeout(t)
+            .and_then(|_| client.call(op.clone()));
         // A pooled connection may have died with its layerfs (remount): a
         // read-only call is safe to send again on a fresh one.
         if reused && matches!(res, Err(ClientError::Io(_))) {
@@ -123,15 +130,23 @@ impl MountHandle {
         from_seq: u64,
         tx: mpsc::Sender<JournalRecord>,
     ) -> Result<(), AgentError> {
-        let permit: OwnedSemaphorePermit = self.followers.clone().try_acquire_owned().map_err(|_| AgentError {
-            code: "busy".into(),
-            message: format!(
-                "{}: {FOLLOWERS} followers already; try again later",
-                self.describe()
-            ),
-            required_role: None,
-        })?;
+        let permit: OwnedSemaphorePermit =
+            self.followers
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| AgentError {
+                    code: "busy".into(),
+                    message: format!(
+                        "{}: {FOLLOWERS} followers already; try again later",
+                        self.describe()
+                    ),
+                    required_role: None,
+                })?;
         let mut client = self.connect()?;
+        // Heartbeats come every second: silence this long means a hung mount.
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| self.error(e))?;
         let name = self.cfg.name.clone();
         let what = self.describe();
         std::thread::Builder::new()

@@ -87,7 +87,9 @@ pub fn local_role(grants: &[Grant], uid: u32, gid: u32, groups: &[u32]) -> Optio
     grants
         .iter()
         .filter(|g| {
-            g.uids.contains(&uid) || g.gids.contains(&gid) || g.gids.iter().any(|x| groups.contains(x))
+            g.uids.contains(&uid)
+                || g.gids.contains(&gid)
+                || g.gids.iter().any(|x| groups.contains(x))
         })
         .map(|g| g.role)
         .max()
@@ -166,25 +168,51 @@ mod tests {
         let m = || None;
         assert_eq!(required_role(&AgentOp::Status, &c), Role::Monitor);
         assert_eq!(
-            required_role(&AgentOp::CheckpointCreate { mount: m(), name: None, message: None }, &c),
+            required_role(
+                &AgentOp::CheckpointCreate {
+                    mount: m(),
+                    name: None,
+                    message: None
+                },
+                &c
+            ),
             Role::User
         );
         assert_eq!(
-            required_role(&AgentOp::Rollback { mount: m(), name: "a".into() }, &c),
+            required_role(
+                &AgentOp::Rollback {
+                    mount: m(),
+                    name: "a".into()
+                },
+                &c
+            ),
             Role::Manager
         );
         let own = AuditQuery {
             uid: Some(1001),
             ..Default::default()
         };
-        assert_eq!(required_role(&AgentOp::Audit { query: own }, &c), Role::Monitor);
         assert_eq!(
-            required_role(&AgentOp::Audit { query: AuditQuery::default() }, &c),
+            required_role(&AgentOp::Audit { query: own }, &c),
+            Role::Monitor
+        );
+        assert_eq!(
+            required_role(
+                &AgentOp::Audit {
+                    query: AuditQuery::default()
+                },
+                &c
+            ),
             Role::Manager
         );
         let e = denied("checkpoint_create", Role::User, &c, Some(Role::Monitor));
-        assert_eq!(e.message, "checkpoint_create needs role user; uid 1001 has role monitor");
+        assert_eq!(
+            e.message,
+            "checkpoint_create needs role user; uid 1001 has role monitor"
+        );
         assert_eq!(e.required_role, Some(Role::User));
-        assert!(denied("status", Role::Monitor, &c, None).message.contains("no role"));
+        assert!(denied("status", Role::Monitor, &c, None)
+            .message
+            .contains("no role"));
     }
 }
