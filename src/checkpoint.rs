@@ -318,6 +318,8 @@ impl Checkpoints {
         cache: Option<&capture::HashCache>,
     ) -> Result<(Hash, u64, capture::Totals), ApiError> {
         let upper = self.upper()?;
+        // Under the gate nothing new is queued: after this, the journal is complete.
+        self.journal.flush();
         let seq = self.journal.last_seq();
         let head = self.head()?;
         let (base, dirty) = match &head {

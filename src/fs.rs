@@ -317,6 +317,7 @@ impl Filesystem for LayerFs {
     fn destroy(&mut self) {
         // Unmounted cleanly: the next mount need not look for unrecorded changes.
         if let Some(j) = &self.journal {
+            j.flush();
             if let Err(e) = j.meta_put(crate::journal::META_CLEAN, Some(b"1")) {
                 tracing::warn!(err = %e, "cannot mark the journal clean");
             }
@@ -959,7 +960,12 @@ impl Filesystem for LayerFs {
         match r {
             Ok((node, st, Some(fd))) => {
                 self.note(who(req), Op::Create, parent.0, name, None, None);
-                let watch = self.watch(req, &fd);
+                // The new file's attributes are known: no fstat needed.
+                let watch = self.journal.as_ref().map(|_| WriteWatch {
+                    who: who(req),
+                    size: st.st_size,
+                    mtime: (st.st_mtime, st.st_mtime_nsec),
+                });
                 let direct = flags & libc::O_DIRECT != 0;
                 let suid = st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0;
                 let key = match sys::fstat(fd.as_fd()) {

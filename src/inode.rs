@@ -144,10 +144,17 @@ impl InodeTable {
                 return n.clone();
             }
         }
+        // A node of another type under this number: the upper reused an inode
+        // number the kernel still holds. The kernel will FORGET its old inode
+        // under the same node id with its own count, so the count carries over.
+        let carried = shard
+            .get(&ino)
+            .map(|n| n.lookups.load(Ordering::Relaxed))
+            .unwrap_or(0);
         let node = Arc::new(Node {
             ino,
             fmt,
-            lookups: AtomicU64::new(1),
+            lookups: AtomicU64::new(carried + 1),
             state: RwLock::new(state),
         });
         shard.insert(ino, node.clone());
@@ -215,5 +222,20 @@ mod tests {
         assert!(t.get(10).is_some());
         t.forget(10, 1);
         assert!(t.get(10).is_none());
+    }
+
+    #[test]
+    fn reused_number_keeps_the_kernels_count() {
+        let t = InodeTable::new();
+        // A file the kernel looked up twice, then the number comes back as a symlink.
+        t.lookup_or_insert(7, libc::S_IFREG, st(1, "placeholder"));
+        t.lookup_or_insert(7, libc::S_IFREG, st(1, "placeholder"));
+        let l = t.lookup_or_insert(7, libc::S_IFLNK, st(1, "link"));
+        assert_eq!(l.fmt, libc::S_IFLNK);
+        // The late FORGET of the old inode must not drop the new one.
+        t.forget(7, 2);
+        assert!(t.get(7).is_some_and(|n| n.fmt == libc::S_IFLNK));
+        t.forget(7, 1);
+        assert!(t.get(7).is_none());
     }
 }

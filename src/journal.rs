@@ -1,11 +1,15 @@
 //! The change journal: every change that passes through the union, with who
 //! made it, kept in RocksDB in the mount's state directory.
 //!
-//! Records are written synchronously (RocksDB's WAL, no fsync) after the
-//! change succeeded in the upper, under the union's gate, so a checkpoint
-//! that holds the gate sees a journal that exactly explains the upper. A
-//! `kill -9` between a change and its record is repaired at the next mount
-//! (`repair`). Writes are coalesced: one record per file per open-to-close.
+//! A record is queued after the change succeeded in the upper, while the
+//! request still holds the union's gate; a writer thread writes the queue to
+//! RocksDB (WAL, no fsync) in batches, one write for many records. Anything
+//! that reads the journal (queries, checkpoints under the gate) first waits
+//! for the queue to drain (`flush`), so a checkpoint sees a journal that
+//! exactly explains the upper. Records still queued when the daemon is
+//! killed are lost; the next mount finds what they described in the upper
+//! (`Checkpoints::repair_journal`). Writes are coalesced: one record per file
+//! per open-to-close.
 //!
 //! Storage (column families): `journal`: seq (u64 BE) -> record (v1, BE);
 //! `by_path`: path ++ 0 ++ seq (BE) -> empty, for path-prefix queries;
@@ -312,16 +316,52 @@ impl CommCache {
 }
 
 pub struct Journal {
+    inner: Arc<Inner>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::ops::Deref for Journal {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl Drop for Journal {
+    /// Write what is queued, stop the writer, then the database may close.
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        self.inner.queue_cv.notify_all();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The journal's state, shared with its writer thread.
+pub struct Inner {
     db: Arc<DB>,
-    /// Serialises seq assignment with the write, so records become visible
-    /// in sequence order (a follower never skips a hole that fills later).
-    write_lock: Mutex<()>,
+    stop: AtomicBool,
+    /// Records waiting for the writer, in sequence order; `assigned` is the
+    /// last sequence number handed out.
+    queue: Mutex<Queue>,
+    /// The writer waits here for records; producers wait here for room.
+    queue_cv: Condvar,
+    /// Highest sequence number written to the database.
     last: AtomicU64,
-    /// Wakes followers when a record is written.
+    /// Wakes followers and flushers when a batch is written.
     notify: (Mutex<u64>, Condvar),
     comms: CommCache,
     failed: AtomicBool,
 }
+
+struct Queue {
+    recs: Vec<Record>,
+    assigned: u64,
+}
+
+/// Most records queued before producers wait for the writer.
+const MAX_QUEUED: usize = 65_536;
 
 fn db_err(e: rocksdb::Error) -> io::Error {
     let s = e.to_string();
@@ -373,7 +413,22 @@ const MAX_LIMIT: u64 = 100_000;
 pub const META_CLEAN: &str = "clean";
 
 impl Journal {
-    pub fn new(db: Arc<DB>) -> io::Result<Journal> {
+    /// Open the journal on `db` and start its writer thread.
+    pub fn new(db: Arc<DB>) -> io::Result<Arc<Journal>> {
+        let inner = Arc::new(Inner::open(db)?);
+        let w = inner.clone();
+        let h = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer(&w))?;
+        Ok(Arc::new(Journal {
+            inner,
+            writer: Mutex::new(Some(h)),
+        }))
+    }
+}
+
+impl Inner {
+    fn open(db: Arc<DB>) -> io::Result<Inner> {
         let cf = db
             .cf_handle(CF_JOURNAL)
             .ok_or_else(|| io::Error::other("journal column family missing"))?;
@@ -382,9 +437,14 @@ impl Journal {
             Some(Err(e)) => return Err(db_err(e)),
             None => 0,
         };
-        Ok(Journal {
+        Ok(Inner {
             db,
-            write_lock: Mutex::new(()),
+            stop: AtomicBool::new(false),
+            queue: Mutex::new(Queue {
+                recs: Vec::new(),
+                assigned: last,
+            }),
+            queue_cv: Condvar::new(),
             last: AtomicU64::new(last),
             notify: (Mutex::new(last), Condvar::new()),
             comms: CommCache {
@@ -431,34 +491,77 @@ impl Journal {
             comm,
             detail,
         };
-        if let Err(e) = self.append(rec) {
+        self.enqueue(rec);
+    }
+
+    /// Queue a record (its `seq` is assigned here); returns the seq.
+    fn enqueue(&self, mut rec: Record) -> u64 {
+        let mut q = self.queue.lock();
+        while q.recs.len() >= MAX_QUEUED {
+            self.queue_cv.wait(&mut q);
+        }
+        q.assigned += 1;
+        rec.seq = q.assigned;
+        q.recs.push(rec);
+        self.queue_cv.notify_all();
+        q.assigned
+    }
+
+    /// Append a record and wait until it is written; returns its seq.
+    pub fn append(&self, rec: Record) -> io::Result<u64> {
+        let seq = self.enqueue(rec);
+        self.wait_written(seq);
+        if self.failed() {
+            return Err(io::Error::other(
+                "the change journal cannot be written (see the daemon's log)",
+            ));
+        }
+        Ok(seq)
+    }
+
+    /// Wait until every record queued so far is written.
+    pub fn flush(&self) {
+        let seq = self.queue.lock().assigned;
+        self.wait_written(seq);
+    }
+
+    fn wait_written(&self, seq: u64) {
+        let (m, cv) = &self.notify;
+        let mut g = m.lock();
+        while *g < seq {
+            cv.wait(&mut g);
+        }
+    }
+
+    /// Write one batch; records of a failed write are lost (and said so once).
+    fn write_batch(&self, recs: &[Record]) {
+        let Some(top) = recs.last().map(|r| r.seq) else {
+            return;
+        };
+        let r = (|| {
+            let (Some(j), Some(p)) = (self.db.cf_handle(CF_JOURNAL), self.db.cf_handle(CF_BY_PATH))
+            else {
+                return Err(io::Error::other("journal column families missing"));
+            };
+            let mut b = WriteBatch::default();
+            for rec in recs {
+                b.put_cf(&j, seq_key(rec.seq), rec.encode());
+                b.put_cf(&p, path_key(&rec.path, rec.seq), []);
+                if let Some(p2) = &rec.path2 {
+                    b.put_cf(&p, path_key(p2, rec.seq), []);
+                }
+            }
+            self.db.write(b).map_err(db_err)
+        })();
+        if let Err(e) = r {
             if !self.failed.swap(true, Ordering::Relaxed) {
                 error!(err = %e, "cannot write the change journal; changes are not being recorded");
             }
         }
-    }
-
-    /// Append a record (its `seq` is assigned here); returns the seq.
-    pub fn append(&self, mut rec: Record) -> io::Result<u64> {
-        let _g = self.write_lock.lock();
-        let seq = self.last.load(Ordering::Relaxed) + 1;
-        rec.seq = seq;
-        let (Some(j), Some(p)) = (self.db.cf_handle(CF_JOURNAL), self.db.cf_handle(CF_BY_PATH))
-        else {
-            return Err(io::Error::other("journal column families missing"));
-        };
-        let mut b = WriteBatch::default();
-        b.put_cf(&j, seq_key(seq), rec.encode());
-        b.put_cf(&p, path_key(&rec.path, seq), []);
-        if let Some(p2) = &rec.path2 {
-            b.put_cf(&p, path_key(p2, seq), []);
-        }
-        self.db.write(b).map_err(db_err)?;
-        self.last.store(seq, Ordering::Release);
+        self.last.store(top, Ordering::Release);
         let (m, cv) = &self.notify;
-        *m.lock() = seq;
+        *m.lock() = top;
         cv.notify_all();
-        Ok(seq)
     }
 
     pub fn get(&self, seq: u64) -> io::Result<Option<Record>> {
@@ -503,6 +606,7 @@ impl Journal {
 
     /// Answer a query (see `JournalQuery`).
     pub fn query(&self, q: &JournalQuery) -> io::Result<Vec<Record>> {
+        self.flush();
         let limit = q.limit.unwrap_or(1000).clamp(1, MAX_LIMIT) as usize;
         let ops: Vec<Op> = q
             .ops
@@ -617,6 +721,28 @@ impl Journal {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(b, &wo).map_err(db_err)
+    }
+}
+
+/// The writer thread: drains the queue in batches until the journal is dropped.
+fn writer(j: &Inner) {
+    /// Most records per database write.
+    const BATCH: usize = 4096;
+    loop {
+        let batch = {
+            let mut q = j.queue.lock();
+            while q.recs.is_empty() {
+                if j.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                j.queue_cv.wait(&mut q);
+            }
+            let n = q.recs.len().min(BATCH);
+            let b: Vec<Record> = q.recs.drain(..n).collect();
+            j.queue_cv.notify_all();
+            b
+        };
+        j.write_batch(&batch);
     }
 }
 

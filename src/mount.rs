@@ -285,7 +285,7 @@ fn open_journal(opts: &MountOptions) -> Result<Arc<crate::journal::Journal>> {
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the state directory '{}'", dir.display()))?;
     let db = crate::journal::open_db(&dir.join("db"))?;
-    let j = Arc::new(crate::journal::Journal::new(db)?);
+    let j = crate::journal::Journal::new(db)?;
     Ok(j)
 }
 

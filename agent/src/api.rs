@@ -6,8 +6,8 @@
 //! body within `BODY_TIMEOUT` (at most `MAX_BODY` bytes); a response the
 //! client does not read for `WRITE_STALL_TIMEOUT` closes the connection; a
 //! request's operation gets `REQUEST_TIMEOUT_*` (not the follow stream); at
-//! most `MAX_CONNECTIONS` connections at once. None of these holds anything
-//! another client needs.
+//! most `MAX_CONNECTIONS` connections at once (fewer under a low open-files
+//! limit). None of these holds anything another client needs.
 
 use std::future::Future;
 use std::io;
@@ -293,7 +293,8 @@ fn mount_in(path: &str) -> Option<String> {
 #[derive(Clone)]
 struct Target {
     mount: Option<String>,
-    request: String,
+    method: Method,
+    uri: axum::http::Uri,
 }
 
 /// How one endpoint is handled.
@@ -351,7 +352,7 @@ impl AppState {
         target: Target,
         e: AgentError,
     ) -> Response {
-        let args = serde_json::json!({ "request": target.request });
+        let args = serde_json::json!({ "request": format!("{} {}", target.method, target.uri) });
         error_response(
             &self
                 .agent
@@ -375,7 +376,8 @@ impl AppState {
         let caller = peer.caller();
         let mount = Target {
             mount: mount_in(req.uri().path()),
-            request: format!("{} {}", req.method(), req.uri()),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
         };
         let allowed = matches!(self.agent.role_of(&caller), Some(r) if r >= ep.min_role);
         if !allowed {
@@ -453,26 +455,21 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 
 const NO_PARAMS: &[&str] = &[];
 
-fn ep(
-    op: &'static str,
-    min_role: Role,
-    ok: StatusCode,
-    params: &'static [&'static str],
-) -> Endpoint {
+/// The endpoint of operation `op` (its least role from `roles::min_role`).
+fn ep(op: &'static str, ok: StatusCode, params: &'static [&'static str]) -> Endpoint {
     Endpoint {
         op,
-        min_role,
+        // Unknown names cannot happen (all literals here); refuse if they did.
+        min_role: crate::roles::min_role(op).unwrap_or(Role::Manager),
         ok,
         params,
     }
 }
 
 async fn status(State(s): State<AppState>, req: Request) -> Response {
-    s.handle(
-        req,
-        ep("status", Role::Monitor, StatusCode::OK, NO_PARAMS),
-        |_| Ok(AgentOp::Status),
-    )
+    s.handle(req, ep("status", StatusCode::OK, NO_PARAMS), |_| {
+        Ok(AgentOp::Status)
+    })
     .await
 }
 
@@ -485,28 +482,24 @@ async fn changes(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    s.handle(
-        req,
-        ep("changes", Role::Monitor, StatusCode::OK, CHANGES_PARAMS),
-        |i| {
-            let Path(mount) = path.map_err(path_err)?;
-            let p = &i.params;
-            let query = JournalQuery {
-                from_seq: p.num("from_seq")?,
-                since_ns: p.num("since_ns")?,
-                until_ns: p.num("until_ns")?,
-                path_prefix: p.string("path"),
-                ops: p.list("op"),
-                comm: p.string("comm"),
-                uid: p.num("uid")?,
-                limit: p.num("limit")?,
-            };
-            Ok(AgentOp::Changes {
-                mount: Some(mount),
-                query,
-            })
-        },
-    )
+    s.handle(req, ep("changes", StatusCode::OK, CHANGES_PARAMS), |i| {
+        let Path(mount) = path.map_err(path_err)?;
+        let p = &i.params;
+        let query = JournalQuery {
+            from_seq: p.num("from_seq")?,
+            since_ns: p.num("since_ns")?,
+            until_ns: p.num("until_ns")?,
+            path_prefix: p.string("path"),
+            ops: p.list("op"),
+            comm: p.string("comm"),
+            uid: p.num("uid")?,
+            limit: p.num("limit")?,
+        };
+        Ok(AgentOp::Changes {
+            mount: Some(mount),
+            query,
+        })
+    })
     .await
 }
 
@@ -517,7 +510,7 @@ async fn checkpoint_list(
 ) -> Response {
     s.handle(
         req,
-        ep("checkpoint_list", Role::Monitor, StatusCode::OK, NO_PARAMS),
+        ep("checkpoint_list", StatusCode::OK, NO_PARAMS),
         |_| {
             let Path(mount) = path.map_err(path_err)?;
             Ok(AgentOp::CheckpointList { mount: Some(mount) })
@@ -540,12 +533,7 @@ async fn checkpoint_create(
 ) -> Response {
     s.handle(
         req,
-        ep(
-            "checkpoint_create",
-            Role::User,
-            StatusCode::CREATED,
-            NO_PARAMS,
-        ),
+        ep("checkpoint_create", StatusCode::CREATED, NO_PARAMS),
         |i| {
             let Path(mount) = path.map_err(path_err)?;
             let b: CreateBody = i.json()?;
@@ -566,7 +554,7 @@ async fn checkpoint_show(
 ) -> Response {
     s.handle(
         req,
-        ep("checkpoint_show", Role::Monitor, StatusCode::OK, NO_PARAMS),
+        ep("checkpoint_show", StatusCode::OK, NO_PARAMS),
         |_| {
             let Path((mount, name)) = path.map_err(path_err)?;
             Ok(AgentOp::CheckpointShow {
@@ -585,12 +573,7 @@ async fn checkpoint_delete(
 ) -> Response {
     s.handle(
         req,
-        ep(
-            "checkpoint_delete",
-            Role::Manager,
-            StatusCode::OK,
-            NO_PARAMS,
-        ),
+        ep("checkpoint_delete", StatusCode::OK, NO_PARAMS),
         |_| {
             let Path((mount, name)) = path.map_err(path_err)?;
             Ok(AgentOp::CheckpointDelete {
@@ -607,18 +590,14 @@ async fn checkpoint_diff(
     path: Result<Path<(String, String)>, PathRejection>,
     req: Request,
 ) -> Response {
-    s.handle(
-        req,
-        ep("checkpoint_diff", Role::User, StatusCode::OK, &["to"]),
-        |i| {
-            let Path((mount, a)) = path.map_err(path_err)?;
-            Ok(AgentOp::CheckpointDiff {
-                mount: Some(mount),
-                a,
-                b: i.params.string("to").filter(|s| !s.is_empty()),
-            })
-        },
-    )
+    s.handle(req, ep("checkpoint_diff", StatusCode::OK, &["to"]), |i| {
+        let Path((mount, a)) = path.map_err(path_err)?;
+        Ok(AgentOp::CheckpointDiff {
+            mount: Some(mount),
+            a,
+            b: i.params.string("to").filter(|s| !s.is_empty()),
+        })
+    })
     .await
 }
 
@@ -633,18 +612,14 @@ async fn rollback(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    s.handle(
-        req,
-        ep("rollback", Role::Manager, StatusCode::OK, NO_PARAMS),
-        |i| {
-            let Path(mount) = path.map_err(path_err)?;
-            let b: RollbackBody = i.json()?;
-            Ok(AgentOp::Rollback {
-                mount: Some(mount),
-                name: b.checkpoint,
-            })
-        },
-    )
+    s.handle(req, ep("rollback", StatusCode::OK, NO_PARAMS), |i| {
+        let Path(mount) = path.map_err(path_err)?;
+        let b: RollbackBody = i.json()?;
+        Ok(AgentOp::Rollback {
+            mount: Some(mount),
+            name: b.checkpoint,
+        })
+    })
     .await
 }
 
@@ -660,19 +635,15 @@ async fn restore(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    s.handle(
-        req,
-        ep("restore", Role::Manager, StatusCode::OK, NO_PARAMS),
-        |i| {
-            let Path(mount) = path.map_err(path_err)?;
-            let b: RestoreBody = i.json()?;
-            Ok(AgentOp::Restore {
-                mount: Some(mount),
-                name: b.checkpoint,
-                paths: b.paths,
-            })
-        },
-    )
+    s.handle(req, ep("restore", StatusCode::OK, NO_PARAMS), |i| {
+        let Path(mount) = path.map_err(path_err)?;
+        let b: RestoreBody = i.json()?;
+        Ok(AgentOp::Restore {
+            mount: Some(mount),
+            name: b.checkpoint,
+            paths: b.paths,
+        })
+    })
     .await
 }
 
@@ -685,15 +656,11 @@ async fn verify(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    s.handle(
-        req,
-        ep("verify", Role::Manager, StatusCode::OK, NO_PARAMS),
-        |i| {
-            let Path(mount) = path.map_err(path_err)?;
-            let _: Empty = i.json()?;
-            Ok(AgentOp::Verify { mount: Some(mount) })
-        },
-    )
+    s.handle(req, ep("verify", StatusCode::OK, NO_PARAMS), |i| {
+        let Path(mount) = path.map_err(path_err)?;
+        let _: Empty = i.json()?;
+        Ok(AgentOp::Verify { mount: Some(mount) })
+    })
     .await
 }
 
@@ -711,23 +678,19 @@ async fn prune(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    s.handle(
-        req,
-        ep("prune", Role::Manager, StatusCode::OK, NO_PARAMS),
-        |i| {
-            let Path(mount) = path.map_err(path_err)?;
-            let b: PruneBody = i.json()?;
-            Ok(AgentOp::Prune {
-                mount: Some(mount),
-                policy: Retention {
-                    keep_last: b.keep_last,
-                    keep_hourly: b.keep_hourly,
-                    keep_daily: b.keep_daily,
-                    keep_weekly: b.keep_weekly,
-                },
-            })
-        },
-    )
+    s.handle(req, ep("prune", StatusCode::OK, NO_PARAMS), |i| {
+        let Path(mount) = path.map_err(path_err)?;
+        let b: PruneBody = i.json()?;
+        Ok(AgentOp::Prune {
+            mount: Some(mount),
+            policy: Retention {
+                keep_last: b.keep_last,
+                keep_hourly: b.keep_hourly,
+                keep_daily: b.keep_daily,
+                keep_weekly: b.keep_weekly,
+            },
+        })
+    })
     .await
 }
 
@@ -735,7 +698,6 @@ async fn audit(State(s): State<AppState>, req: Request) -> Response {
     // Monitor may read its own calls (uid=its own); Agent::call decides.
     let e = ep(
         "audit",
-        Role::Monitor,
         StatusCode::OK,
         &["since_ns", "until_ns", "uid", "op", "denied", "limit"],
     );
@@ -762,7 +724,7 @@ async fn follow(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    let ep = ep("follow", Role::Monitor, StatusCode::OK, &["from_seq"]);
+    let ep = ep("follow", StatusCode::OK, &["from_seq"]);
     let (caller, mount, params, _) = match s.prepare(req, &ep).await {
         Ok(x) => x,
         Err(resp) => return resp,
@@ -1072,7 +1034,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = router(agent.clone(), stop_rx.clone());
-    let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let max_conns = connection_limit();
+    let conns = Arc::new(Semaphore::new(max_conns));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -1097,7 +1060,7 @@ pub async fn serve(
                         });
                     }
                     Err(_) => {
-                        tokio::spawn(refuse_connection(stream));
+                        tokio::spawn(refuse_connection(stream, max_conns));
                     }
                 }
             }
@@ -1105,7 +1068,7 @@ pub async fn serve(
     }
     tracing::info!("shutting down: no new connections");
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(SHUTDOWN_GRACE, conns.acquire_many(MAX_CONNECTIONS as u32))
+    if tokio::time::timeout(SHUTDOWN_GRACE, conns.acquire_many(max_conns as u32))
         .await
         .is_err()
     {
@@ -1159,10 +1122,28 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|v| *v).await;
 }
 
-/// Over `MAX_CONNECTIONS`: a short 503 and close (bounded in time too).
-async fn refuse_connection(mut stream: UnixStream) {
+/// `MAX_CONNECTIONS`, or fewer if the open-files limit would not allow as
+/// many (accept would then fail with EMFILE instead of a clear 503): what
+/// the soft RLIMIT_NOFILE leaves after 128 descriptors for everything else.
+fn connection_limit() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|x| x.starts_with("Max open files"))
+                .and_then(|x| x.split_whitespace().nth(3).map(str::to_string))
+        })
+        .and_then(|v| v.parse::<usize>().ok());
+    match soft {
+        Some(n) => MAX_CONNECTIONS.min(n.saturating_sub(128)).max(16),
+        None => MAX_CONNECTIONS,
+    }
+}
+
+/// Over the connection limit: a short 503 and close (bounded in time too).
+async fn refuse_connection(mut stream: UnixStream, max: usize) {
     let body = serde_json::json!({"error": err("unavailable", format!(
-        "layerd is serving {MAX_CONNECTIONS} connections already; try again later"))})
+        "layerd is serving {max} connections already; try again later"))})
     .to_string();
     let resp = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}\n",

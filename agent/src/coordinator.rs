@@ -49,6 +49,10 @@ use crate::AgentOp;
 pub const DATA_FORMAT_VERSION: u32 = 1;
 /// Default time an admin `command` waits for the agent's result.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections accepted but not yet authenticated, at most.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Largest `hello` (status and checkpoint lists of every mount).
+pub const MAX_HELLO_FRAME: usize = 4 << 20;
 /// Most records one admin `changes` call returns (pages beyond it).
 pub const MAX_CHANGES_PAGE: u64 = 50_000;
 
@@ -331,13 +335,15 @@ pub fn read_records(
     Ok(out)
 }
 
+/// A mount's log, shared by the tasks that write and read it.
+pub type SharedLog = Arc<Mutex<MountLog>>;
+
 /// The data directory.
 pub struct Store {
-    root: File,
     servers: File,
     /// Open logs, shared by every session of a server (a reconnecting agent's
     /// new session may overlap its old one: one writer per file).
-    logs: Mutex<HashMap<(String, String), Arc<Mutex<MountLog>>>>,
+    logs: Mutex<HashMap<(String, String), SharedLog>>,
     _lock: File,
 }
 
@@ -387,7 +393,6 @@ impl Store {
         }
         let servers = open_dir_at(&root, "servers", true)?;
         Ok(Store {
-            root,
             servers,
             logs: Mutex::new(HashMap::new()),
             _lock: lock,
@@ -405,7 +410,7 @@ impl Store {
     }
 
     /// The log of `server`/`mount`, opened once and shared.
-    pub fn mount_log(&self, server: &str, mount: &str) -> io::Result<Arc<Mutex<MountLog>>> {
+    pub fn mount_log(&self, server: &str, mount: &str) -> io::Result<SharedLog> {
         let key = (server.to_string(), mount.to_string());
         if let Some(l) = self.logs.lock().get(&key) {
             return Ok(l.clone());
@@ -428,11 +433,7 @@ impl Store {
     }
 
     /// Existing log of `server`/`mount` (None if nothing was ever stored).
-    pub fn existing_log(
-        &self,
-        server: &str,
-        mount: &str,
-    ) -> io::Result<Option<Arc<Mutex<MountLog>>>> {
+    pub fn existing_log(&self, server: &str, mount: &str) -> io::Result<Option<SharedLog>> {
         if !wire::valid_name(server) || !wire::valid_name(mount) {
             return Ok(None);
         }
@@ -507,10 +508,6 @@ impl Store {
         out.sort();
         Ok(out)
     }
-
-    pub fn root(&self) -> &File {
-        &self.root
-    }
 }
 
 // ---- The service --------------------------------------------------------------
@@ -537,6 +534,17 @@ struct Session {
     last_seen_ns: AtomicU64,
     mounts: Mutex<Vec<MountInfo>>,
     hello: Mutex<Value>,
+    /// Set when the connection is over (its writers stopped).
+    ended: tokio::sync::watch::Sender<bool>,
+}
+
+/// Marks its session ended when dropped (also when the task is cancelled).
+struct EndGuard(Arc<Session>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0.ended.send_replace(true);
+    }
 }
 
 pub struct Coordinator {
@@ -545,6 +553,7 @@ pub struct Coordinator {
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     next_conn: AtomicU64,
     next_cmd: AtomicU64,
+    handshakes: Arc<tokio::sync::Semaphore>,
     /// Set on shutdown: every connection task ends.
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -566,13 +575,6 @@ impl Running {
         self.coordinator.stop.send_replace(true);
         self.coordinator.sessions.lock().clear();
         let _ = std::fs::remove_file(&self.admin_socket);
-    }
-
-    /// Run until one of the service tasks ends (they end only on a fatal error).
-    pub async fn wait(mut self) {
-        if let Some(t) = self.tasks.pop() {
-            let _ = t.await;
-        }
     }
 }
 
@@ -637,6 +639,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         sessions: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         next_cmd: AtomicU64::new(1),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
         stop: tokio::sync::watch::channel(false).0,
     });
     tracing::info!(%local_addr, tls = tls.is_some(), admin = %admin_path.display(), "coordinator listening");
@@ -709,6 +712,11 @@ impl Coordinator {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // Unauthenticated connections are bounded: each may hold a hello buffer.
+            let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many connections in their handshake: dropped");
+                continue;
+            };
             let me = self.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
@@ -730,16 +738,33 @@ impl Coordinator {
                 };
                 let mut stop = me.stop.subscribe();
                 tokio::select! {
-                    _ = me.clone().serve_conn(conn, peer) => {}
+                    _ = me.clone().serve_conn(conn, peer, permit) => {}
                     _ = stop.wait_for(|s| *s) => {}
                 }
             });
         }
     }
 
-    async fn serve_conn(self: Arc<Self>, conn: Box<dyn Conn>, peer: SocketAddr) {
+    async fn serve_conn(
+        self: Arc<Self>,
+        conn: Box<dyn Conn>,
+        peer: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let (mut rd, mut wr) = tokio::io::split(conn);
-        let hello = match read_within(&mut rd, wire::HANDSHAKE_TIMEOUT).await {
+        let first = tokio::time::timeout(
+            wire::HANDSHAKE_TIMEOUT,
+            wire::read_message_limited(&mut rd, MAX_HELLO_FRAME),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ReadError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no hello within {} s", wire::HANDSHAKE_TIMEOUT.as_secs()),
+            )))
+        })
+        .map_err(Some);
+        let hello = match first {
             Ok(Incoming::Message(Message::Hello(h))) => h,
             Ok(Incoming::Message(m)) => {
                 let msg = format!("expected hello, got {}", m.kind());
@@ -783,6 +808,16 @@ impl Coordinator {
             let _ = wire::write_message(&mut wr, &Message::error(codes::BAD_REQUEST, msg)).await;
             return;
         }
+        drop(permit);
+        // A previous connection of this server stops first, so that nothing it
+        // still stores lands after the cursors below are read (or a log restarted).
+        let old = self.sessions.lock().get(&server_id).cloned();
+        if let Some(old) = old {
+            tracing::info!(server_id = %server_id, old = %old.peer, "replacing the server's previous connection");
+            old.kick.notify_one();
+            let mut ended = old.ended.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(5), ended.wait_for(|e| *e)).await;
+        }
         // Cursors (and journal restarts) for every mount the agent has.
         let me = self.clone();
         let h = hello.clone();
@@ -820,7 +855,9 @@ impl Coordinator {
             last_seen_ns: AtomicU64::new(wire::now_ns() as u64),
             mounts: Mutex::new(hello.mounts.clone()),
             hello: Mutex::new(hello_json),
+            ended: tokio::sync::watch::channel(false).0,
         });
+        let _ended = EndGuard(session.clone());
         self.save_server(&server_id, &session);
         if let Some(old) = self
             .sessions
@@ -848,7 +885,10 @@ impl Coordinator {
                     _ = tick.tick() => Message::ping(),
                 };
                 let last = matches!(msg, Message::Error { .. });
-                if wire::write_message(&mut wr, &msg).await.is_err() || last {
+                let written =
+                    tokio::time::timeout(wire::PEER_TIMEOUT, wire::write_message(&mut wr, &msg))
+                        .await;
+                if !matches!(written, Ok(Ok(()))) || last {
                     break;
                 }
             }
@@ -869,7 +909,13 @@ impl Coordinator {
         }
         drop(session);
         // The writer ends when its queue is dropped (after a final error frame).
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        let mut writer = writer;
+        if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
     }
 
     fn token_ok(&self, token: &str) -> bool {
@@ -881,11 +927,10 @@ impl Coordinator {
         ok
     }
 
-    #[allow(clippy::type_complexity)]
     fn prepare_mounts(
         &self,
         hello: &Hello,
-    ) -> io::Result<(HashMap<String, Arc<Mutex<MountLog>>>, BTreeMap<String, u64>)> {
+    ) -> io::Result<(HashMap<String, SharedLog>, BTreeMap<String, u64>)> {
         let mut logs = HashMap::new();
         let mut cursors = BTreeMap::new();
         for m in &hello.mounts {
@@ -925,13 +970,32 @@ impl Coordinator {
         server_id: &str,
         s: &Arc<Session>,
         rd: &mut R,
-        logs: &HashMap<String, Arc<Mutex<MountLog>>>,
+        logs: &HashMap<String, SharedLog>,
     ) -> String {
+        // One writer per mount: it stores what queued up while its previous
+        // fsync ran in one go (group commit), then acknowledges the highest seq.
+        let mut writers = HashMap::new();
+        let mut workers: tokio::task::JoinSet<String> = tokio::task::JoinSet::new();
+        for (mount, log) in logs {
+            let (q, rx) = mpsc::channel::<Vec<JournalRecord>>(STORE_QUEUE);
+            writers.insert(mount.clone(), q);
+            workers.spawn(store_worker(
+                server_id.to_string(),
+                mount.clone(),
+                log.clone(),
+                rx,
+                s.tx.clone(),
+            ));
+        }
         loop {
             let got = tokio::select! {
                 r = read_within(rd, wire::PEER_TIMEOUT) => r,
+                Some(done) = workers.join_next() => {
+                    return done.unwrap_or_else(|e| format!("storage task failed: {e}"));
+                }
                 _ = s.kick.notified() => {
-                    let _ = s.tx.send(Message::error(codes::REPLACED, "a newer connection of this server replaced this one")).await;
+                    // try_send: a writer stuck on a dead peer must not hold this up.
+                    let _ = s.tx.try_send(Message::error(codes::REPLACED, "a newer connection of this server replaced this one"));
                     return "replaced by a newer connection".into();
                 }
             };
@@ -948,7 +1012,7 @@ impl Coordinator {
                 .store(wire::now_ns() as u64, Ordering::Relaxed);
             match msg {
                 Message::Records { mount, records } => {
-                    let Some(log) = logs.get(&mount).cloned() else {
+                    let Some(q) = writers.get(&mount) else {
                         let e = format!(
                             "records for mount {mount:?}, which the hello did not register"
                         );
@@ -957,25 +1021,9 @@ impl Coordinator {
                                 .await;
                         return e;
                     };
-                    let stored =
-                        tokio::task::spawn_blocking(move || log.lock().append(&records)).await;
-                    match stored {
-                        Ok(Ok(seq)) => {
-                            if s.tx.send(Message::Ack { mount, seq }).await.is_err() {
-                                return "writer gone".into();
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            tracing::error!(server_id, mount = %mount, "cannot store records: {e}");
-                            let _ =
-                                s.tx.send(Message::error(
-                                    codes::INTERNAL,
-                                    format!("coordinator cannot store records: {e}"),
-                                ))
-                                .await;
-                            return format!("storage error: {e}");
-                        }
-                        Err(e) => return format!("storage task failed: {e}"),
+                    // Waits while the mount's writer is behind: backpressure to the agent.
+                    if q.send(records).await.is_err() {
+                        return "storage writer gone".into();
                     }
                 }
                 Message::Result(r) => {
@@ -1296,10 +1344,54 @@ impl Coordinator {
     }
 }
 
+/// Record batches queued per mount before the reader waits.
+const STORE_QUEUE: usize = 64;
+/// Most records stored by one commit.
+const MAX_COMMIT_RECORDS: usize = 100_000;
+
+/// Store the batches of one mount as they come, several per commit when they
+/// queue up; acknowledge after each commit. Returns only on failure.
+async fn store_worker(
+    server_id: String,
+    mount: String,
+    log: SharedLog,
+    mut rx: mpsc::Receiver<Vec<JournalRecord>>,
+    tx: mpsc::Sender<Message>,
+) -> String {
+    while let Some(mut all) = rx.recv().await {
+        while all.len() < MAX_COMMIT_RECORDS {
+            match rx.try_recv() {
+                Ok(more) => all.extend(more),
+                Err(_) => break,
+            }
+        }
+        let l = log.clone();
+        match tokio::task::spawn_blocking(move || l.lock().append(&all)).await {
+            Ok(Ok(seq)) => {
+                let ack = Message::Ack {
+                    mount: mount.clone(),
+                    seq,
+                };
+                if tx.send(ack).await.is_err() {
+                    return "writer gone".into();
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(server_id, mount = %mount, "cannot store records: {e}");
+                let msg = format!("coordinator cannot store records: {e}");
+                let _ = tx.send(Message::error(codes::INTERNAL, msg)).await;
+                return format!("storage error: {e}");
+            }
+            Err(e) => return format!("storage task failed: {e}"),
+        }
+    }
+    "link closed".into()
+}
+
 fn check_hello(h: &Hello) -> Result<(), String> {
     if !wire::valid_name(&h.server_id) {
         return Err(format!(
-            "invalid server_id {:?}: use 1-128 of [A-Za-z0-9._-], not starting with '.'",
+            "invalid server_id {:?}: use 1-128 of [A-Za-z0-9._@:-], not starting with '.'",
             h.server_id
         ));
     }
@@ -1307,7 +1399,7 @@ fn check_hello(h: &Hello) -> Result<(), String> {
     for m in &h.mounts {
         if !wire::valid_name(&m.name) {
             return Err(format!(
-                "invalid mount name {:?}: use 1-128 of [A-Za-z0-9._-], not starting with '.'",
+                "invalid mount name {:?}: use 1-128 of [A-Za-z0-9._@:-], not starting with '.'",
                 m.name
             ));
         }

@@ -40,8 +40,15 @@ pub enum Role {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Caller {
-    Local { uid: u32, gid: u32, pid: i32, groups: Vec<u32> },
-    Coordinator { address: String },
+    Local {
+        uid: u32,
+        gid: u32,
+        pid: i32,
+        groups: Vec<u32>,
+    },
+    Coordinator {
+        address: String,
+    },
 }
 
 /// One operation of the agent (local API and coordinator commands alike).
@@ -50,17 +57,50 @@ pub enum Caller {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AgentOp {
     Status,
-    Changes { mount: Option<String>, query: JournalQuery },
-    CheckpointCreate { mount: Option<String>, name: Option<String>, message: Option<String> },
-    CheckpointList { mount: Option<String> },
-    CheckpointShow { mount: Option<String>, name: String },
-    CheckpointDiff { mount: Option<String>, a: String, b: Option<String> },
-    CheckpointDelete { mount: Option<String>, name: String },
-    Rollback { mount: Option<String>, name: String },
-    Restore { mount: Option<String>, name: String, paths: Vec<String> },
-    Verify { mount: Option<String> },
-    Prune { mount: Option<String>, policy: Retention },
-    Audit { query: audit::AuditQuery },
+    Changes {
+        mount: Option<String>,
+        query: JournalQuery,
+    },
+    CheckpointCreate {
+        mount: Option<String>,
+        name: Option<String>,
+        message: Option<String>,
+    },
+    CheckpointList {
+        mount: Option<String>,
+    },
+    CheckpointShow {
+        mount: Option<String>,
+        name: String,
+    },
+    CheckpointDiff {
+        mount: Option<String>,
+        a: String,
+        b: Option<String>,
+    },
+    CheckpointDelete {
+        mount: Option<String>,
+        name: String,
+    },
+    Rollback {
+        mount: Option<String>,
+        name: String,
+    },
+    Restore {
+        mount: Option<String>,
+        name: String,
+        paths: Vec<String>,
+    },
+    Verify {
+        mount: Option<String>,
+    },
+    Prune {
+        mount: Option<String>,
+        policy: Retention,
+    },
+    Audit {
+        query: audit::AuditQuery,
+    },
 }
 
 /// Errors as the API and the coordinator see them.

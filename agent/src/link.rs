@@ -34,8 +34,13 @@ pub const WINDOW: u64 = 20_000;
 /// Reconnect delays grow from the first to the cap (each jittered).
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
-/// Registration data (status, checkpoint lists) must come within this.
-const INVENTORY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Coordinator commands run at once, at most (more wait).
+const MAX_COMMANDS: usize = 8;
+/// How long a batch may wait for more records while the link is busy.
+const LINGER: Duration = Duration::from_millis(5);
+/// Registration data (status, checkpoint lists) must come within this (the
+/// coordinator waits `wire::HANDSHAKE_TIMEOUT` for the hello).
+const INVENTORY_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// Where and how to reach the coordinator.
 #[derive(Debug, Clone, PartialEq)]
@@ -385,16 +390,21 @@ fn read_token(cfg: &LinkConfig) -> Result<String, String> {
     Ok(tokens.into_iter().next().unwrap_or_default())
 }
 
-/// Each mount with its status and checkpoints, as the coordinator caller sees them.
-async fn inventory<A: LinkAgent>(agent: &A, caller: &Caller) -> Vec<MountInfo> {
+/// Each mount with its status and checkpoints, as the coordinator caller sees
+/// them. Done after connecting (no calls, so no audit records, while the
+/// coordinator is unreachable) and within `INVENTORY_TIMEOUT` in all, well
+/// inside the coordinator's hello deadline; what does not answer in time is
+/// registered with an error and no `journal_seq`.
+async fn inventory<A: LinkAgent>(agent: &Arc<A>, caller: &Caller) -> Vec<MountInfo> {
+    let deadline = tokio::time::Instant::now() + INVENTORY_TIMEOUT;
     let status =
-        match tokio::time::timeout(INVENTORY_TIMEOUT, agent.call_op(caller, AgentOp::Status)).await
-        {
+        match tokio::time::timeout_at(deadline, agent.call_op(caller, AgentOp::Status)).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => json!({"error": e.message}),
             Err(_) => json!({"error": "status timed out"}),
         };
     let mut out = Vec::new();
+    let mut lists = Vec::new();
     for (name, path) in agent.mount_list() {
         let entry = status
             .get("mounts")
@@ -407,7 +417,7 @@ async fn inventory<A: LinkAgent>(agent: &A, caller: &Caller) -> Vec<MountInfo> {
             .and_then(|e| e.get("status"))
             .filter(|s| !s.is_null())
             .cloned();
-        let mut error = entry
+        let error = entry
             .and_then(|e| e.get("error"))
             .and_then(Value::as_str)
             .map(str::to_string)
@@ -417,17 +427,14 @@ async fn inventory<A: LinkAgent>(agent: &A, caller: &Caller) -> Vec<MountInfo> {
                     .and_then(Value::as_str)
                     .map(str::to_string)
             });
-        let mut checkpoints = None;
-        if st.is_some() {
+        // Checkpoint lists of all mounts at once.
+        lists.push(st.is_some().then(|| {
+            let (a, c) = (agent.clone(), caller.clone());
             let op = AgentOp::CheckpointList {
                 mount: Some(name.clone()),
             };
-            match tokio::time::timeout(INVENTORY_TIMEOUT, agent.call_op(caller, op)).await {
-                Ok(Ok(v)) => checkpoints = Some(v),
-                Ok(Err(e)) => error = Some(e.message),
-                Err(_) => error = Some("checkpoint list timed out".into()),
-            }
-        }
+            tokio::spawn(async move { a.call_op(&c, op).await })
+        }));
         out.push(MountInfo {
             journal_seq: st
                 .as_ref()
@@ -436,9 +443,21 @@ async fn inventory<A: LinkAgent>(agent: &A, caller: &Caller) -> Vec<MountInfo> {
             name,
             path: path.display().to_string(),
             status: st,
-            checkpoints,
+            checkpoints: None,
             error,
         });
+    }
+    for (m, list) in out.iter_mut().zip(lists) {
+        let Some(mut task) = list else { continue };
+        match tokio::time::timeout_at(deadline, &mut task).await {
+            Ok(Ok(Ok(v))) => m.checkpoints = Some(v),
+            Ok(Ok(Err(e))) => m.error = Some(e.message),
+            Ok(Err(e)) => m.error = Some(format!("checkpoint list failed: {e}")),
+            Err(_) => {
+                task.abort();
+                m.error = Some("checkpoint list timed out".into());
+            }
+        }
     }
     out
 }
@@ -480,10 +499,17 @@ async fn session<A: LinkAgent>(
         server_id: cfg.server_id.clone(),
         hostname: crate::config::hostname(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        mounts: inventory(&**agent, caller).await,
+        mounts: inventory(agent, caller).await,
     });
-    if let Err(e) = wire::write_message(&mut wr, &hello).await {
-        return End::Failed(format!("sending hello to {peer} failed: {e}"));
+    match tokio::time::timeout(
+        wire::HANDSHAKE_TIMEOUT,
+        wire::write_message(&mut wr, &hello),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return End::Failed(format!("sending hello to {peer} failed: {e}")),
+        Err(_) => return End::Failed(format!("sending hello to {peer} timed out")),
     }
     let welcome = match read_within(&mut rd, wire::HANDSHAKE_TIMEOUT).await {
         Ok(Incoming::Message(Message::Welcome(w))) => w,
@@ -504,6 +530,7 @@ async fn session<A: LinkAgent>(
     state.set("connected", None);
 
     let (tx, rx) = mpsc::channel::<Message>(32);
+    let commands = Arc::new(tokio::sync::Semaphore::new(MAX_COMMANDS));
     let mut tasks: JoinSet<String> = JoinSet::new();
     tasks.spawn(writer(wr, rx));
     let mut acked: HashMap<String, watch::Sender<u64>> = HashMap::new();
@@ -532,7 +559,8 @@ async fn session<A: LinkAgent>(
                     }
                 }
                 Ok(Incoming::Message(Message::Command { id, command })) => {
-                    tokio::spawn(execute(agent.clone(), caller.clone(), id, command, tx.clone()));
+                    let slots = commands.clone();
+                    tokio::spawn(execute(agent.clone(), caller.clone(), id, command, tx.clone(), slots));
                 }
                 Ok(Incoming::Message(Message::Ping { .. })) => {}
                 Ok(Incoming::Message(Message::Error { code, message })) => {
@@ -578,7 +606,12 @@ async fn execute<A: LinkAgent>(
     id: u64,
     command: AgentOp,
     tx: mpsc::Sender<Message>,
+    slots: Arc<tokio::sync::Semaphore>,
 ) {
+    // Commands beyond MAX_COMMANDS wait their turn.
+    let Ok(_slot) = slots.acquire_owned().await else {
+        return;
+    };
     let changes = matches!(
         command,
         AgentOp::CheckpointCreate { .. }
@@ -619,7 +652,7 @@ async fn execute<A: LinkAgent>(
         return;
     }
     if changes && ok {
-        let mounts = inventory(&*agent, &caller).await;
+        let mounts = inventory(&agent, &caller).await;
         let _ = tx.send(Message::Inventory { mounts }).await;
     }
 }
@@ -673,14 +706,25 @@ async fn stream_mount<A: LinkAgent>(
             };
             let mut bytes = approx_size(&first);
             let mut batch = vec![first];
+            // While earlier records are unacknowledged (the coordinator is
+            // busy storing), gather a little longer: fewer, larger batches.
+            // An idle link sends at once.
+            let busy = next > acked.borrow().saturating_add(1);
+            let deadline = tokio::time::Instant::now() + if busy { LINGER } else { Duration::ZERO };
             while batch.len() < wire::MAX_BATCH_RECORDS && bytes < wire::MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        bytes += approx_size(&r);
-                        batch.push(r);
+                let r = match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) if busy => {
+                        match tokio::time::timeout_at(deadline, rx.recv()).await {
+                            Ok(Some(r)) => r,
+                            _ => break,
+                        }
                     }
-                    Err(_) => break,
-                }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                };
+                bytes += approx_size(&r);
+                batch.push(r);
             }
             batch.retain(|r| r.seq >= next);
             let Some(last) = batch.last().map(|r| r.seq) else {
@@ -1066,6 +1110,34 @@ mod tests {
             .existing_log("fake01", "root")
             .unwrap()
             .is_none());
+        link.abort();
+        running.shutdown();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_journal_that_starts_over_gets_a_new_log() {
+        let s = setup(Role::Manager, "good-token");
+        s.agent.append(100);
+        let running = start_coordinator(s.dir.path(), s.addr).await;
+        let link = spawn_link(s.agent.clone());
+        wait_stored(&running, 100).await;
+        link.abort();
+        // A new journal (new state directory): seqs start again at 1.
+        s.agent.journal.lock().clear();
+        s.agent.append(10);
+        let link = spawn_link(s.agent.clone());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored_seqs(&running) != (1..=10).collect::<Vec<_>>() {
+            assert!(Instant::now() < deadline, "{:?}", stored_seqs(&running));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let kept = std::fs::read_dir(s.dir.path().join("data/servers/fake01/mounts/root"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("changes.1"))
+            .collect::<Vec<_>>();
+        assert_eq!(kept.len(), 1, "{kept:?}");
         link.abort();
         running.shutdown();
     }

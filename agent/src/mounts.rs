@@ -9,7 +9,7 @@ use layerfs::control::client::{Client, ClientError};
 use layerfs::control::proto::{ErrorCode, JournalRecord, Op};
 use parking_lot::Mutex;
 use serde_json::Value;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::MountConfig;
 use crate::AgentError;
@@ -31,6 +31,8 @@ pub const FOLLOW_BUFFER: usize = 1024;
 pub struct MountHandle {
     pub cfg: MountConfig,
     idle: Mutex<Vec<Client>>,
+    /// Status requests waiting for the next status call (see `status`).
+    status_waiters: Mutex<StatusFlight>,
     quick: Arc<Semaphore>,
     slow: Arc<Semaphore>,
     followers: Arc<Semaphore>,
@@ -46,11 +48,20 @@ pub enum Kind {
     Slow,
 }
 
+type StatusReply = oneshot::Sender<Result<Value, AgentError>>;
+
+#[derive(Default)]
+struct StatusFlight {
+    running: bool,
+    next: Vec<StatusReply>,
+}
+
 impl MountHandle {
     pub fn new(cfg: MountConfig) -> MountHandle {
         MountHandle {
             cfg,
             idle: Mutex::new(Vec::new()),
+            status_waiters: Mutex::new(StatusFlight::default()),
             quick: Arc::new(Semaphore::new(QUICK_CALLS)),
             slow: Arc::new(Semaphore::new(SLOW_CALLS)),
             followers: Arc::new(Semaphore::new(FOLLOWERS)),
@@ -84,6 +95,41 @@ impl MountHandle {
         })
         .await
         .map_err(|e| internal(&format!("control socket call failed: {e}")))?
+    }
+
+    /// The mount's status, with concurrent requests sharing calls: a request
+    /// joins the next call to start (never one already running, so the
+    /// answer is never older than the request). Under a burst of monitoring
+    /// polls the mount sees at most one status call at a time.
+    pub async fn status(self: &Arc<Self>) -> Result<Value, AgentError> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut f = self.status_waiters.lock();
+            f.next.push(tx);
+            !std::mem::replace(&mut f.running, true)
+        };
+        if start {
+            let me = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    let batch = std::mem::take(&mut me.status_waiters.lock().next);
+                    if batch.is_empty() {
+                        let mut f = me.status_waiters.lock();
+                        if f.next.is_empty() {
+                            f.running = false;
+                            return;
+                        }
+                        continue;
+                    }
+                    let r = me.call(Op::Status, Kind::Quick, STATUS_TIMEOUT).await;
+                    for w in batch {
+                        let _ = w.send(r.clone());
+                    }
+                }
+            });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(internal("status call abandoned")))
     }
 
     fn call_blocking(&self, op: Op, kind: Kind, timeout: Duration) -> Result<Value, AgentError> {

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::audit::{AuditLog, AuditRecord, AuditResult, MAX_LIMIT};
 use crate::config::AgentConfig;
-use crate::mounts::{internal, Kind, MountHandle, QUICK_TIMEOUT, STATUS_TIMEOUT};
+use crate::mounts::{internal, Kind, MountHandle, QUICK_TIMEOUT};
 use crate::roles::{self, op_name, FOLLOW_OP};
 use crate::{AgentError, AgentOp, Caller, Role};
 
@@ -201,28 +201,18 @@ impl Agent {
         res
     }
 
-    /// Append to the audit log; synced ones off the async threads. A failed
-    /// audit write is logged, the call's answer stands.
+    /// Append to the audit log (synced for denied and state-changing
+    /// calls). A failed audit write is logged; the call's answer stands.
     async fn record(&self, rec: AuditRecord, sync: bool) {
         let sync = sync || rec.result == AuditResult::Denied;
         let (op, res) = (rec.op.clone(), rec.result);
-        let r = if sync {
-            match self.me.upgrade() {
-                Some(me) => tokio::task::spawn_blocking(move || me.audit.append(rec, true))
-                    .await
-                    .unwrap_or_else(|e| Err(anyhow::anyhow!("{e}"))),
-                None => self.audit.append(rec, true),
-            }
-        } else {
-            self.audit.append(rec, false)
-        };
-        if let Err(e) = r {
+        if let Err(e) = self.audit.record(rec, sync).await {
             tracing::error!(op, result = ?res, "audit record lost: {e:#}");
         }
     }
 
     async fn run(&self, caller: &Caller, role: Role, op: AgentOp) -> Result<Value, AgentError> {
-        let (mount, lop, kind, timeout) = match op {
+        let (mount, lop, kind) = match op {
             AgentOp::Status => return Ok(self.status(caller, role).await),
             AgentOp::Audit { mut query } => {
                 if query.limit.is_some_and(|l| l == 0 || l > MAX_LIMIT) {
@@ -239,61 +229,35 @@ impl Agent {
                     .map_err(|e| internal(&format!("{e:#}")))?;
                 return serde_json::to_value(recs).map_err(|e| internal(&e.to_string()));
             }
-            AgentOp::Changes { mount, query } => {
-                (mount, Op::Journal { query }, Kind::Quick, QUICK_TIMEOUT)
+            AgentOp::Changes { mount, query } => (mount, Op::Journal { query }, Kind::Quick),
+            AgentOp::CheckpointList { mount } => (mount, Op::CheckpointList, Kind::Quick),
+            AgentOp::CheckpointShow { mount, name } => {
+                (mount, Op::CheckpointShow { name }, Kind::Quick)
             }
-            AgentOp::CheckpointList { mount } => {
-                (mount, Op::CheckpointList, Kind::Quick, QUICK_TIMEOUT)
-            }
-            AgentOp::CheckpointShow { mount, name } => (
-                mount,
-                Op::CheckpointShow { name },
-                Kind::Quick,
-                QUICK_TIMEOUT,
-            ),
             AgentOp::CheckpointCreate {
                 mount,
                 name,
                 message,
-            } => (
-                mount,
-                Op::CheckpointCreate { name, message },
-                Kind::Slow,
-                QUICK_TIMEOUT,
-            ),
-            AgentOp::CheckpointDiff { mount, a, b } => (
-                mount,
-                Op::CheckpointDiff { a, b },
-                Kind::Slow,
-                QUICK_TIMEOUT,
-            ),
-            AgentOp::CheckpointDelete { mount, name } => (
-                mount,
-                Op::CheckpointDelete { name },
-                Kind::Slow,
-                QUICK_TIMEOUT,
-            ),
-            AgentOp::Rollback { mount, name } => {
-                (mount, Op::Rollback { name }, Kind::Slow, QUICK_TIMEOUT)
+            } => (mount, Op::CheckpointCreate { name, message }, Kind::Slow),
+            AgentOp::CheckpointDiff { mount, a, b } => {
+                (mount, Op::CheckpointDiff { a, b }, Kind::Slow)
             }
+            AgentOp::CheckpointDelete { mount, name } => {
+                (mount, Op::CheckpointDelete { name }, Kind::Slow)
+            }
+            AgentOp::Rollback { mount, name } => (mount, Op::Rollback { name }, Kind::Slow),
             AgentOp::Restore { mount, name, paths } => {
                 if paths.is_empty() {
                     return Err(bad_request("restore needs at least one path".into()));
                 }
-                (
-                    mount,
-                    Op::Restore { name, paths },
-                    Kind::Slow,
-                    QUICK_TIMEOUT,
-                )
+                (mount, Op::Restore { name, paths }, Kind::Slow)
             }
-            AgentOp::Verify { mount } => (mount, Op::Verify, Kind::Slow, QUICK_TIMEOUT),
-            AgentOp::Prune { mount, policy } => {
-                (mount, Op::Prune { policy }, Kind::Slow, QUICK_TIMEOUT)
-            }
+            AgentOp::Verify { mount } => (mount, Op::Verify, Kind::Slow),
+            AgentOp::Prune { mount, policy } => (mount, Op::Prune { policy }, Kind::Slow),
         };
         let h = self.handle(mount.as_deref())?;
-        h.call(lop, kind, timeout).await
+        // Slow calls wait as long as the mount takes (rollback, verify).
+        h.call(lop, kind, QUICK_TIMEOUT).await
     }
 
     /// The agent and every mount; a mount that cannot be reached has
@@ -304,7 +268,7 @@ impl Agent {
             .iter()
             .map(|m| {
                 let m = m.clone();
-                tokio::spawn(async move { m.call(Op::Status, Kind::Quick, STATUS_TIMEOUT).await })
+                tokio::spawn(async move { m.status().await })
             })
             .collect();
         let mut mounts = Vec::with_capacity(tasks.len());
@@ -455,7 +419,7 @@ impl Agent {
         let from = match from_seq {
             Some(s) => s,
             None => {
-                let st = h.call(Op::Status, Kind::Quick, STATUS_TIMEOUT).await?;
+                let st = h.status().await?;
                 st.get("journal_seq").and_then(Value::as_u64).unwrap_or(0) + 1
             }
         };

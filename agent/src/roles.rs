@@ -42,6 +42,20 @@ pub fn op_name(op: &AgentOp) -> &'static str {
 /// Name of the journal follow stream in the audit log (not an `AgentOp`).
 pub const FOLLOW_OP: &str = "follow";
 
+/// The least role that may use an operation, by name (`op_name`, or
+/// `FOLLOW_OP`); None for an unknown name. For `audit` this is the role
+/// that may read its own records; `required_role` has the exact rule.
+pub fn min_role(op: &str) -> Option<Role> {
+    Some(match op {
+        "status" | "changes" | FOLLOW_OP | "checkpoint_list" | "checkpoint_show" | "audit" => {
+            Role::Monitor
+        }
+        "checkpoint_create" | "checkpoint_diff" => Role::User,
+        "checkpoint_delete" | "rollback" | "restore" | "verify" | "prune" => Role::Manager,
+        _ => return None,
+    })
+}
+
 /// The role an operation needs.
 ///
 /// The audit log is the manager's, except that anyone with a role may read
@@ -49,20 +63,12 @@ pub const FOLLOW_OP: &str = "follow";
 /// needs only monitor (`filter_own` then pins the query to that uid).
 pub fn required_role(op: &AgentOp, caller: &Caller) -> Role {
     match op {
-        AgentOp::Status
-        | AgentOp::Changes { .. }
-        | AgentOp::CheckpointList { .. }
-        | AgentOp::CheckpointShow { .. } => Role::Monitor,
-        AgentOp::CheckpointCreate { .. } | AgentOp::CheckpointDiff { .. } => Role::User,
-        AgentOp::CheckpointDelete { .. }
-        | AgentOp::Rollback { .. }
-        | AgentOp::Restore { .. }
-        | AgentOp::Verify { .. }
-        | AgentOp::Prune { .. } => Role::Manager,
         AgentOp::Audit { query } => match caller {
             Caller::Local { uid, .. } if query.uid == Some(*uid) => Role::Monitor,
             _ => Role::Manager,
         },
+        // Every op_name is in the table; Manager would be the safe side.
+        _ => min_role(op_name(op)).unwrap_or(Role::Manager),
     }
 }
 
@@ -204,6 +210,32 @@ mod tests {
                 &c
             ),
             Role::Manager
+        );
+        for name in [
+            "status",
+            "changes",
+            "follow",
+            "checkpoint_list",
+            "checkpoint_show",
+            "audit",
+            "checkpoint_create",
+            "checkpoint_diff",
+            "checkpoint_delete",
+            "rollback",
+            "restore",
+            "verify",
+            "prune",
+        ] {
+            assert!(min_role(name).is_some(), "{name}");
+        }
+        assert_eq!(min_role("nope"), None);
+        assert_eq!(
+            required_role(&AgentOp::Verify { mount: m() }, &c),
+            Role::Manager
+        );
+        assert_eq!(
+            required_role(&AgentOp::CheckpointList { mount: m() }, &c),
+            Role::Monitor
         );
         let e = denied("checkpoint_create", Role::User, &c, Some(Role::Monitor));
         assert_eq!(

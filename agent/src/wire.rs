@@ -304,7 +304,15 @@ pub enum Incoming {
 
 /// Read and decode one message (frame errors and decode errors both end the stream).
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Incoming, ReadError> {
-    match read_frame(r, MAX_FRAME).await {
+    read_message_limited(r, MAX_FRAME).await
+}
+
+/// As `read_message`, with a smaller frame limit (before authentication).
+pub async fn read_message_limited<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Incoming, ReadError> {
+    match read_frame(r, max).await {
         Ok(None) => Ok(Incoming::Closed),
         Ok(Some(p)) => decode(&p).map(Incoming::Message).map_err(ReadError::Decode),
         Err(e) => Err(ReadError::Io(e)),
@@ -320,13 +328,14 @@ pub enum ReadError {
 }
 
 /// Names used as file names by the coordinator (server ids, mount names):
-/// 1..=128 bytes of `[A-Za-z0-9._-]`, not starting with '.'.
+/// 1..=128 bytes of `[A-Za-z0-9._@:-]` (what agent.toml allows for mount
+/// names), not starting with '.'.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && !s.starts_with('.')
         && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@' | b':'))
 }
 
 /// Compare two secrets in time independent of where they differ.
@@ -359,13 +368,18 @@ pub fn parse_tokens(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Read a token file; warns if it is readable by others than its owner.
+/// Read a token file; warns (once per process and path) if it is readable by
+/// others than its owner.
 pub fn read_token_file(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
     use std::os::unix::fs::MetadataExt;
+    static WARNED: parking_lot::Mutex<Vec<std::path::PathBuf>> =
+        parking_lot::Mutex::new(Vec::new());
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read the token file {}: {e}", path.display()))?;
     if let Ok(m) = std::fs::metadata(path) {
-        if m.mode() & 0o077 != 0 {
+        let mut warned = WARNED.lock();
+        if m.mode() & 0o077 != 0 && !warned.iter().any(|p| p == path) {
+            warned.push(path.to_path_buf());
             tracing::warn!(
                 path = %path.display(),
                 "the token file is readable by group or others (mode {:o}); chmod 600 it",
@@ -568,7 +582,7 @@ mod tests {
 
     #[test]
     fn names_tokens_and_secrets() {
-        for ok in ["root", "guest01", "a.b-c_d", "X"] {
+        for ok in ["root", "guest01", "a.b-c_d", "X", "srv@a:b"] {
             assert!(valid_name(ok), "{ok}");
         }
         for bad in [

@@ -39,6 +39,31 @@ fn tempdir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// Logs without terminal colour sequences (ESC [ ... m).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\x1b' {
+            for c in it.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Write a secret file readable by its owner only.
+fn write_secret(p: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(p, text).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn is_mounted(p: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = p.to_string_lossy().to_string();
@@ -52,6 +77,7 @@ struct Mount {
     _tmp: tempfile::TempDir,
     mnt: PathBuf,
     ctl: PathBuf,
+    opts: String,
     child: Option<Child>,
 }
 
@@ -76,47 +102,35 @@ impl Mount {
             r.join("work").display(),
             ctl.display()
         );
+        let mut m = Mount {
+            _tmp: tmp,
+            mnt,
+            ctl,
+            opts,
+            child: None,
+        };
+        m.mount();
+        m
+    }
+
+    fn mount(&mut self) {
         let child = Command::new(LAYERFS)
-            .args(["-f", "-o", &opts])
-            .arg(&mnt)
+            .args(["-f", "-o", &self.opts])
+            .arg(&self.mnt)
             .env("RUST_LOG", "warn,fuser::session=error")
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn layerfs");
-        let m = Mount {
-            _tmp: tmp,
-            mnt: mnt.clone(),
-            ctl: ctl.clone(),
-            child: Some(child),
-        };
+        self.child = Some(child);
+        let (mnt, ctl) = (&self.mnt, &self.ctl);
         wait_until(
             "layerfs mount and control socket",
             Duration::from_secs(20),
-            || is_mounted(&mnt) && layerfs::sys::statfs_errno(&mnt).is_none() && ctl.exists(),
+            || is_mounted(mnt) && layerfs::sys::statfs_errno(mnt).is_none() && ctl.exists(),
         );
-        m
     }
 
-    fn journal_seq(&self) -> u64 {
-        let mut c = Client::connect(&self.ctl).expect("control socket");
-        let st = c.call(Op::Status).expect("status");
-        st["journal_seq"].as_u64().expect("journal_seq")
-    }
-
-    fn control(&self, op: Op) -> Value {
-        Client::connect(&self.ctl)
-            .expect("control socket")
-            .call(op)
-            .expect("control call")
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
+    fn unmount(&mut self) {
         for _ in 0..50 {
             if !is_mounted(&self.mnt)
                 || Command::new("umount")
@@ -142,6 +156,29 @@ impl Drop for Mount {
             let _ = c.wait();
         }
     }
+
+    fn journal_seq(&self) -> u64 {
+        let mut c = Client::connect(&self.ctl).expect("control socket");
+        let st = c.call(Op::Status).expect("status");
+        st["journal_seq"].as_u64().expect("journal_seq")
+    }
+
+    fn control(&self, op: Op) -> Value {
+        Client::connect(&self.ctl)
+            .expect("control socket")
+            .call(op)
+            .expect("control call")
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount();
+    }
 }
 
 // ---- The coordinator --------------------------------------------------------------
@@ -160,7 +197,7 @@ impl Coordinator {
 
     fn start_tls(host: &str, tls: Option<(PathBuf, PathBuf)>) -> Coordinator {
         let dir = tempdir();
-        std::fs::write(dir.path().join("token"), format!("# agents\n{TOKEN}\n")).unwrap();
+        write_secret(&dir.path().join("token"), &format!("# agents\n{TOKEN}\n"));
         let mut c = Coordinator {
             dir,
             child: None,
@@ -224,7 +261,9 @@ impl Coordinator {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+        strip_ansi(
+            &std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default(),
+        )
     }
 
     fn cli(&self, args: &[&str]) -> (bool, String) {
@@ -343,7 +382,7 @@ impl Layerd {
     fn start(m: &Mount, link: LinkOpts) -> Layerd {
         let dir = tempdir();
         let d = dir.path();
-        std::fs::write(d.join("token"), format!("{}\n", link.token)).unwrap();
+        write_secret(&d.join("token"), &format!("{}\n", link.token));
         let mut toml = format!(
             "socket = \"{}\"\nstate_dir = \"{}\"\nserver_id = \"{SERVER}\"\n\n[[mount]]\nname = \"root\"\npath = \"{}\"\nsocket = \"{}\"\n\n[coordinator]\naddress = \"{}\"\ntoken_file = \"{}\"\nrole = \"{}\"\n",
             d.join("layerd.sock").display(),
@@ -397,7 +436,7 @@ impl Layerd {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("layerd.log")).unwrap_or_default()
+        strip_ansi(&std::fs::read_to_string(self.dir.path().join("layerd.log")).unwrap_or_default())
     }
 
     /// GET on the local HTTP API (HTTP/1.1 over the Unix socket).
@@ -935,6 +974,85 @@ fn tls_works_and_clear_text_to_non_loopback_is_refused() {
     }
 }
 
+// ---- The mount goes away and comes back: the stream resumes ------------------------
+
+#[test]
+fn mount_restart_resumes_the_stream() {
+    let (mut m, c, _l) = connected("manager");
+    std::fs::write(m.p("one.txt"), "1").unwrap();
+    wait_until("first record", Duration::from_secs(20), || {
+        c.stored().0 == m.journal_seq()
+    });
+    m.unmount();
+    sleep(Duration::from_millis(500));
+    m.mount();
+    for i in 0..50 {
+        std::fs::create_dir(m.p(&format!("again{i}"))).unwrap();
+    }
+    let seq = m.journal_seq();
+    wait_until("records after the remount", Duration::from_secs(40), || {
+        c.stored().0 == seq
+    });
+    c.assert_exactly_once(seq);
+}
+
+// ---- 7. Heartbeats: a frozen peer is noticed within ~15 s, both ways ------------------
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn frozen_peers_are_noticed_by_heartbeat() {
+    let (m, c, l) = connected("manager");
+    // The coordinator freezes (SIGSTOP): TCP stays up, nothing comes.
+    let cpid = c.child.as_ref().unwrap().id();
+    signal(cpid, "STOP");
+    let t = Instant::now();
+    wait_until(
+        "layerd to notice the silent coordinator",
+        Duration::from_secs(30),
+        || {
+            l.log()
+                .contains("nothing received from the coordinator for 15 s")
+        },
+    );
+    let noticed = t.elapsed();
+    signal(cpid, "CONT");
+    assert!(
+        noticed >= Duration::from_secs(10) && noticed <= Duration::from_secs(20),
+        "{noticed:?}"
+    );
+    // It comes back by itself, and records flow again.
+    std::fs::write(m.p("after-freeze.txt"), "x").unwrap();
+    wait_until("records after the freeze", Duration::from_secs(30), || {
+        c.connected() && c.changes().iter().any(|r| r["path"] == "/after-freeze.txt")
+    });
+
+    // layerd freezes: the coordinator drops it.
+    signal(l.pid(), "STOP");
+    let t = Instant::now();
+    wait_until(
+        "the coordinator to notice the silent agent",
+        Duration::from_secs(30),
+        || !c.connected(),
+    );
+    let noticed = t.elapsed();
+    signal(l.pid(), "CONT");
+    assert!(
+        noticed >= Duration::from_secs(10) && noticed <= Duration::from_secs(20),
+        "{noticed:?}"
+    );
+    assert!(c.log().contains("nothing received for 15 s"), "{}", c.log());
+    wait_until("layerd back", Duration::from_secs(30), || c.connected());
+    c.assert_exactly_once(m.journal_seq());
+}
+
 // ---- Benchmark (figures only) ------------------------------------------------------------------
 
 fn vm_hwm_kib(pid: u32) -> u64 {
@@ -950,8 +1068,8 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 fn churn(m: &Mount, prefix: &str, i: &mut u64) {
     for _ in 0..500 {
         let p = m.p(&format!("{prefix}{i}"));
-        std::fs::File::create(&p).unwrap();
-        std::fs::remove_file(&p).unwrap();
+        std::fs::File::create(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        std::fs::remove_file(&p).unwrap_or_else(|e| panic!("unlink {}: {e}", p.display()));
         *i += 1;
     }
 }
@@ -969,12 +1087,27 @@ fn bench_agent_link() {
     let base = m.journal_seq();
     wait_until("idle", Duration::from_secs(20), || c.stored().0 == base);
 
-    // Live: records are delivered while they are written.
+    // Live: records are delivered while they are written (BENCH_WRITERS
+    // threads, default 2, each in its own directory).
+    let writers: usize = std::env::var("BENCH_WRITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let t0 = Instant::now();
     let mut i = 0u64;
-    while m.journal_seq() < base + n / 2 {
-        churn(&m, "f", &mut i);
-    }
+    std::thread::scope(|sc| {
+        for w in 0..writers {
+            let m = &m;
+            sc.spawn(move || {
+                let dir = format!("w{w}");
+                std::fs::create_dir(m.p(&dir)).unwrap();
+                let mut j = 0u64;
+                while m.journal_seq() < base + n / 2 {
+                    churn(m, &format!("{dir}/f"), &mut j);
+                }
+            });
+        }
+    });
     let written = t0.elapsed();
     let live_target = m.journal_seq();
     wait_until("live delivery", Duration::from_secs(600), || {
@@ -991,24 +1124,32 @@ fn bench_agent_link() {
     let target = m.journal_seq();
     let t1 = Instant::now();
     c.spawn();
+    // The agent reconnects within its backoff (at most 5 s); time the
+    // delivery from the moment it is registered.
+    wait_until("reconnect", Duration::from_secs(30), || c.connected());
+    let t2 = Instant::now();
+    let at_connect = c.stored().0;
     wait_until("catch-up delivery", Duration::from_secs(600), || {
         c.stored().0 >= target
     });
     let catchup = t1.elapsed();
+    let delivery = t2.elapsed();
     let catch_n = target - live_target;
     let hwm = vm_hwm_kib(l.pid());
     c.assert_exactly_once(target);
     println!(
-        "live: {live_n} records written in {:.2} s ({:.0}/s), all stored after {:.2} s ({:.0}/s)",
+        "live ({writers} writers): {live_n} records written in {:.2} s ({:.0}/s), all stored after {:.2} s ({:.0}/s)",
         written.as_secs_f64(),
         live_n as f64 / written.as_secs_f64(),
         live.as_secs_f64(),
         live_n as f64 / live.as_secs_f64()
     );
     println!(
-        "catch-up: {catch_n} records stored {:.2} s after the coordinator started ({:.0} records/s, including its start and the agent's reconnect)",
+        "catch-up: {catch_n} records stored {:.2} s after the coordinator started; {} more in the {:.2} s after the agent was seen connected ({:.0} records/s)",
         catchup.as_secs_f64(),
-        catch_n as f64 / catchup.as_secs_f64()
+        target - at_connect.min(target),
+        delivery.as_secs_f64(),
+        (target - at_connect.min(target)) as f64 / delivery.as_secs_f64()
     );
     println!("layerd VmHWM: {:.1} MiB", hwm as f64 / 1024.0);
 }

@@ -979,3 +979,34 @@ fn e2e_follow_sees_later_changes() {
     // Nothing before the start was printed (follow begins after the current position).
     assert!(!seen.iter().any(|l| l.contains("/before.txt")), "{seen:?}");
 }
+
+/// A stream cut without its last chunk (the mount went away) is a failure;
+/// one that ends with the last chunk (layerd shutting down) is not.
+#[test]
+fn follow_stream_cut_or_ended() {
+    let line = format!("{}\n", record(3, "/x"));
+    let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let cut = format!("{head}{:x}\r\n{line}\r\n", line.len());
+    let ended = format!("{cut}0\r\n\r\n");
+    let scripts: Vec<Script> = [cut, ended]
+        .into_iter()
+        .map(|r| -> Script {
+            Box::new(move |s: &mut UnixStream| {
+                let _ = s.write_all(r.as_bytes());
+            })
+        })
+        .collect();
+    let fake = Fake::start(scripts);
+    let (code, out, err) = fake.ctl(&["--json", "follow", "--from-seq", "3"]);
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(out, line);
+    assert!(
+        err.contains("the journal stream ended unexpectedly"),
+        "{err}"
+    );
+    let (code, out, err) = fake.ctl(&["--json", "follow", "--from-seq", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, line);
+    assert!(err.contains("layerd ended the stream"), "{err}");
+    fake.join();
+}

@@ -275,13 +275,16 @@ fn make_entry(name: &[u8], st: &Stat, xattrs: Vec<(Vec<u8>, Vec<u8>)>, payload: 
 /// that did not change while it was read.
 #[derive(Default)]
 pub struct HashCache {
-    map: parking_lot::Mutex<HashMap<(u64, u64), (i64, (i64, i64), (i64, i64), Hash)>>,
+    map: parking_lot::Mutex<HashMap<(u64, u64), (Stamp, Hash)>>,
 }
+
+/// Size, mtime and ctime of a file.
+type Stamp = (i64, (i64, i64), (i64, i64));
 
 /// Timestamps are taken from a coarse clock (a jiffy, up to 10 ms).
 const CTIME_MARGIN_NS: i64 = 50_000_000;
 
-fn stamp(st: &Stat) -> (i64, (i64, i64), (i64, i64)) {
+fn stamp(st: &Stat) -> Stamp {
     (
         st.st_size,
         (st.st_mtime, st.st_mtime_nsec),
@@ -292,17 +295,16 @@ fn stamp(st: &Stat) -> (i64, (i64, i64), (i64, i64)) {
 impl HashCache {
     fn get(&self, st: &Stat) -> Option<Hash> {
         let m = self.map.lock();
-        let (size, mtime, ctime, h) = m.get(&(st.st_dev, st.st_ino))?;
-        ((*size, *mtime, *ctime) == stamp(st)).then_some(*h)
+        let (s, h) = m.get(&(st.st_dev, st.st_ino))?;
+        (*s == stamp(st)).then_some(*h)
     }
 
     fn put(&self, st: &Stat, after: &Stat, read_at_ns: i64, h: Hash) {
         let ctime_ns = st.st_ctime * 1_000_000_000 + st.st_ctime_nsec;
         if stamp(st) == stamp(after) && ctime_ns < read_at_ns - CTIME_MARGIN_NS {
-            let (size, mtime, ctime) = stamp(st);
             self.map
                 .lock()
-                .insert((st.st_dev, st.st_ino), (size, mtime, ctime, h));
+                .insert((st.st_dev, st.st_ino), (stamp(st), h));
         }
     }
 }
@@ -780,7 +782,10 @@ mod tests {
                 .0
         };
         let h1 = cap(&cache);
-        assert!(!cache.map.lock().is_empty(), "files older than the margin are cached");
+        assert!(
+            !cache.map.lock().is_empty(),
+            "files older than the margin are cached"
+        );
         assert_eq!(cap(&cache), h1, "unchanged: same tree from the cache");
         // Same size, rewritten at once: ctime moves, the cache must not answer.
         std::fs::write(&f, b"two").unwrap();

@@ -509,7 +509,7 @@ fn status(ctx: &Ctx) -> Result<i32, Fail> {
     }
     let mut s = String::new();
     if let Some(Value::Object(agent)) = v.get("agent") {
-        s.push_str(&render_pairs(&scalar_pairs(agent)));
+        s.push_str(&render_pairs(&agent_pairs(agent)));
     }
     if mounts.is_empty() {
         s.push_str("no mounts (add a [[mount]] to agent.toml)\n");
@@ -542,21 +542,87 @@ fn status(ctx: &Ctx) -> Result<i32, Fail> {
     Ok(code)
 }
 
-/// "key: value" pairs of an object's fields; nested values as compact JSON.
-fn scalar_pairs(obj: &Map<String, Value>) -> Vec<(String, String)> {
-    obj.iter()
-        .map(|(k, v)| {
-            let text = match v {
-                Value::String(s) => clean(s),
-                Value::Null => "-".to_string(),
-                Value::Number(n) if k.ends_with("time_ns") || k == "started_ns" => {
-                    n.as_i64().map_or_else(|| n.to_string(), fmt_time)
-                }
-                other => clean(&other.to_string()),
-            };
-            (clean(&k.replace('_', " ")), text)
-        })
-        .collect()
+/// The agent's part of `status` as "key: value" pairs: the fields this
+/// version knows first, in a fixed order, then any others as they are.
+fn agent_pairs(agent: &Map<String, Value>) -> Vec<(String, String)> {
+    let str_of = |v: &Value| match v {
+        Value::String(s) => clean(s),
+        Value::Null => "-".to_string(),
+        other => clean(&other.to_string()),
+    };
+    let mut pairs = Vec::new();
+    let mut rest = agent.clone();
+    for key in [
+        "server_id",
+        "version",
+        "pid",
+        "uptime_s",
+        "socket",
+        "audit_seq",
+        "coordinator",
+        "caller",
+    ] {
+        let Some(v) = rest.remove(key) else { continue };
+        let (label, text) = match key {
+            "uptime_s" => (
+                "uptime".to_string(),
+                v.as_u64().map_or_else(|| str_of(&v), fmt_duration),
+            ),
+            "coordinator" => (
+                "coordinator".to_string(),
+                match &v {
+                    Value::Object(c) => {
+                        let mut t = str_of(c.get("address").unwrap_or(&Value::Null));
+                        if let Some(r) = c.get("role").and_then(Value::as_str) {
+                            t.push_str(&format!(" (role {})", clean(r)));
+                        }
+                        if let Some(st) = c.get("state").filter(|s| !s.is_null()) {
+                            t.push_str(&format!(": {}", str_of(st)));
+                        }
+                        t
+                    }
+                    other => str_of(other),
+                },
+            ),
+            "caller" => (
+                "you".to_string(),
+                describe_caller(&v).unwrap_or_else(|| str_of(&v)),
+            ),
+            _ => (key.replace('_', " "), str_of(&v)),
+        };
+        pairs.push((label, text));
+    }
+    for (k, v) in &rest {
+        pairs.push((clean(&k.replace('_', " ")), str_of(v)));
+    }
+    pairs
+}
+
+/// `{"who": Caller, "role": Role|null}` as "uid 1001 (role monitor)".
+fn describe_caller(v: &Value) -> Option<String> {
+    let who: Caller = serde_json::from_value(v.get("who")?.clone()).ok()?;
+    let role = match v.get("role").and_then(Value::as_str) {
+        Some(r) => format!("role {}", clean(r)),
+        None => "no role".to_string(),
+    };
+    Some(match who {
+        Caller::Local { uid, .. } => format!("uid {uid} ({role})"),
+        Caller::Coordinator { address } => format!("the coordinator {} ({role})", clean(&address)),
+    })
+}
+
+/// Seconds as "3d 4h", "2h 5m", "5m 3s", "42s".
+fn fmt_duration(s: u64) -> String {
+    let (d, h, m, sec) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {sec}s")
+    } else {
+        format!("{sec}s")
+    }
 }
 
 /// `follow`: the NDJSON stream of journal records, printed as they come.
@@ -577,8 +643,21 @@ fn follow(ctx: &Ctx, from_seq: Option<u64>) -> Result<i32, Fail> {
     loop {
         let line = match http_client::read_line(&mut lines, MAX_LINE) {
             Ok((Some(l), _)) => l,
-            // layerd ended the stream (it is shutting down).
-            Ok((None, _)) => return Ok(0),
+            // A clean end (the last chunk): layerd is shutting down.
+            Ok((None, _)) => {
+                eprintln!("layerctl: layerd ended the stream (it is shutting down)");
+                return Ok(0);
+            }
+            // Cut without the last chunk: the mount (or layerd) went away.
+            Err(e) if e.kind() != std::io::ErrorKind::InvalidData => {
+                return Err(Fail::new(
+                    3,
+                    format!(
+                        "the journal stream ended unexpectedly: {e} (did the mount or layerd go away? see `{} status`)",
+                        ctx.tool()
+                    ),
+                ))
+            }
             Err(e) => return Err(http_fail(ctx, HttpError::from(e))),
         };
         if line.trim().is_empty() {

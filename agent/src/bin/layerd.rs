@@ -77,12 +77,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         cfg.socket = s;
     }
-    // The audit log first: a second layerd on the same state fails here,
-    // before it touches the first one's socket.
+    let activated = activated()?;
+    if let Some(l) = &activated {
+        // Report the socket actually served (status shows it).
+        if let Some(p) = l
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        {
+            cfg.socket = p;
+        }
+    }
+    // The audit log before the socket: a second layerd on the same state
+    // fails here, before it looks at the first one's socket.
     let agent = Agent::new(cfg.clone())?;
-    let (listener, ours) = match activated()? {
+    let (listener, ours) = match activated {
         Some(l) => {
-            tracing::info!("serving the socket passed by systemd");
+            tracing::info!(socket = %cfg.socket.display(), "serving the socket passed by systemd");
             (l, None)
         }
         None => {
