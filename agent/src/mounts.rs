@@ -48,7 +48,9 @@ pub enum Kind {
     Slow,
 }
 
-type StatusReply = oneshot::Sender<Result<Value, AgentError>>;
+/// One status call's answer, shared by everyone who waited for it.
+pub type StatusResult = Arc<Result<Value, AgentError>>;
+type StatusReply = oneshot::Sender<StatusResult>;
 
 #[derive(Default)]
 struct StatusFlight {
@@ -102,6 +104,16 @@ impl MountHandle {
     /// answer is never older than the request). Under a burst of monitoring
     /// polls the mount sees at most one status call at a time.
     pub async fn status(self: &Arc<Self>) -> Result<Value, AgentError> {
+        match self.status_start().await {
+            Ok(r) => (*r).clone(),
+            Err(_) => Err(internal("status call abandoned")),
+        }
+    }
+
+    /// Join the next status call now (starting it if none runs); the
+    /// answer comes on the returned channel. Lets a caller start several
+    /// mounts' calls before waiting for any.
+    pub fn status_start(self: &Arc<Self>) -> oneshot::Receiver<StatusResult> {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut f = self.status_waiters.lock();
@@ -121,15 +133,16 @@ impl MountHandle {
                         }
                         continue;
                     }
-                    let r = me.call(Op::Status, Kind::Quick, STATUS_TIMEOUT).await;
+                    // Shared, not copied here: each waiter copies what it
+                    // needs on its own thread.
+                    let r = Arc::new(me.call(Op::Status, Kind::Quick, STATUS_TIMEOUT).await);
                     for w in batch {
                         let _ = w.send(r.clone());
                     }
                 }
             });
         }
-        rx.await
-            .unwrap_or_else(|_| Err(internal("status call abandoned")))
+        rx
     }
 
     fn call_blocking(&self, op: Op, kind: Kind, timeout: Duration) -> Result<Value, AgentError> {

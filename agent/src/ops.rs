@@ -263,22 +263,14 @@ impl Agent {
     /// The agent and every mount; a mount that cannot be reached has
     /// `status: null` and the reason in `error`.
     async fn status(&self, caller: &Caller, role: Role) -> Value {
-        let tasks: Vec<_> = self
-            .mounts
-            .iter()
-            .map(|m| {
-                let m = m.clone();
-                tokio::spawn(async move { m.status().await })
-            })
-            .collect();
-        let mut mounts = Vec::with_capacity(tasks.len());
-        for (m, t) in self.mounts.iter().zip(tasks) {
-            let r = t
-                .await
-                .unwrap_or_else(|e| Err(internal(&format!("status failed: {e}"))));
-            let (status, error) = match r {
-                Ok(v) => (v, Value::Null),
-                Err(e) => (Value::Null, Value::String(e.message)),
+        // Every mount's call is under way before waiting for the first.
+        let pending: Vec<_> = self.mounts.iter().map(|m| m.status_start()).collect();
+        let mut mounts = Vec::with_capacity(pending.len());
+        for (m, rx) in self.mounts.iter().zip(pending) {
+            let (status, error) = match rx.await.as_deref() {
+                Ok(Ok(v)) => (v.clone(), Value::Null),
+                Ok(Err(e)) => (Value::Null, Value::String(e.message.clone())),
+                Err(_) => (Value::Null, Value::String("status call abandoned".into())),
             };
             mounts.push(json!({
                 "name": m.cfg.name,
