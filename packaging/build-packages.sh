@@ -55,9 +55,12 @@ fi
 
 # 1. The release binary.
 if [ "$no_build" = 1 ]; then
-    [ -x "$bin" ] && [ -x "$bin-ctl" ] || { echo "build-packages: --no-build but $bin or $bin-ctl does not exist" >&2; exit 1; }
+    for b in "$bin" "$bin-ctl" "$(dirname "$bin")"/{layerd,layerctl,layerfs-coordinator}; do
+        [ -x "$b" ] || { echo "build-packages: --no-build but $b does not exist" >&2; exit 1; }
+    done
 else
     cargo build --release --locked -p layerfs --bin layerfs --bin layerfs-ctl "${target_args[@]}"
+    cargo build --release --locked -p layerfs-agent "${target_args[@]}"
 fi
 
 # The strip matching the target: host strip, or the GNU cross binutils' one.
@@ -87,6 +90,9 @@ fi
 # cargo-deb strips its own copy). The binary in target/ is left untouched.
 "$strip" -o "$stage/bin/layerfs" "$bin"
 "$strip" -o "$stage/bin/layerfs-ctl" "$bin-ctl"
+for b in layerd layerctl layerfs-coordinator; do
+    "$strip" -o "$stage/bin/$b" "$(dirname "$bin")/$b"
+done
 
 # 3. The packages. cargo-deb prints the path of the .deb on stdout.
 deb_args=()

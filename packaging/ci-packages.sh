@@ -92,10 +92,10 @@ install_tools() {
 }
 
 release_binary() {
-    if [ -x target/release/layerfs ]; then
+    if [ -x target/release/layerfs ] && [ -x target/release/layerd ]; then
         echo "using the existing target/release/layerfs ($(stat -c '%y' target/release/layerfs))"
     else
-        cargo build --release --locked -p layerfs
+        cargo build --release --locked --workspace
     fi
 }
 
@@ -117,12 +117,7 @@ verify_units() {
     mkdir -p "$root/usr/lib/systemd/system"
     dpkg-deb -x "$deb" "$root"
     cp -a /lib/systemd/system/. "$root/usr/lib/systemd/system/"
-    if [ ! -e "$root/usr/bin/layerd" ]; then
-        # The agent binary is not packaged yet: stand in for it in this root only.
-        printf '#!/bin/sh\nexit 1\n' > "$root/usr/bin/layerd"
-        chmod 755 "$root/usr/bin/layerd"
-        echo "note: layerd is not packaged yet; a stub stands in for /usr/bin/layerd"
-    fi
+    [ -x "$root/usr/bin/layerd" ] || die "the package lacks /usr/bin/layerd"
     # As on a merged-/usr system (/lib -> usr/lib); the example .mount unit as
     # an administrator would install it.
     cp -a "$root"/lib/systemd/system/. "$root/usr/lib/systemd/system/"
@@ -156,6 +151,9 @@ install_deb() {
     [ "$(readlink -f /sbin/mount.fuse.layerfs)" = /usr/bin/layerfs ] || die "/sbin/mount.fuse.layerfs is not a link to /usr/bin/layerfs"
     dpkg -S /usr/bin/layerfs
     /usr/bin/layerfs --version
+    for b in layerfs-ctl layerd layerctl layerfs-coordinator; do
+        /usr/bin/$b --version >/dev/null || die "/usr/bin/$b does not run"
+    done
     # Nothing is enabled by installing.
     for u in /etc/systemd/system/*.wants/layer* /etc/systemd/system/sockets.target.wants/layerd.socket; do
         [ -e "$u" ] && die "installing enabled $u"
@@ -187,6 +185,15 @@ installed_layerfs() {
     # The installed CLI reaches the mount's control socket.
     /usr/bin/layerfs-ctl -m "$d/mnt" checkpoint create --name ci >/dev/null || die "layerfs-ctl checkpoint failed"
     /usr/bin/layerfs-ctl -m "$d/mnt" log --op unlink | grep -q '/dir/b.txt' || die "journal lacks the unlink"
+    # The installed agent serves the same mount to layerctl.
+    printf 'socket = "%s"\nstate_dir = "%s"\n[[mount]]\nname = "ci"\npath = "%s"\n' \
+        "$d/layerd.sock" "$d/layerd-state" "$d/mnt" > "$d/agent.toml"
+    /usr/bin/layerd --config "$d/agent.toml" 2>"$d/layerd.log" &
+    local agent=$!
+    for _ in $(seq 100); do [ -S "$d/layerd.sock" ] && break; sleep 0.1; done
+    /usr/bin/layerctl -s "$d/layerd.sock" -m ci checkpoint list | grep -q '^ci ' ||
+        { cat "$d/layerd.log"; die "layerctl does not list the checkpoint through layerd"; }
+    kill "$agent"; wait "$agent" || true
     [ "$(cat "$d/upper/new.txt")" = "written through the union" ] || die "upper layer lacks new.txt"
     grep -q changed "$d/upper/a.txt" || die "a.txt was not copied up"
     [ "$(cat "$d/lower/a.txt")" = "from the lower layer" ] || die "lower layer was modified"
