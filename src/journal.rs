@@ -881,7 +881,11 @@ mod bench {
         let t = std::time::Instant::now();
         let cpu0 = cpu_ns();
         for i in 0..n {
-            let p = format!("usr/share/doc/package-{}/changelog.Debian.{}", i / 50, i % 50);
+            let p = format!(
+                "usr/share/doc/package-{}/changelog.Debian.{}",
+                i / 50,
+                i % 50
+            );
             j.record(who, Op::Chmod, p.as_bytes(), None, Some("mode 0644".into()));
         }
         j.flush();
@@ -896,7 +900,12 @@ mod bench {
 
     fn cpu_ns() -> i64 {
         let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let f: Vec<&str> = s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         let ticks: i64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
             + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
         ticks * 10_000_000

@@ -385,51 +385,48 @@ impl AppState {
                 .refused(&caller, ep, mount.clone(), err("permission_denied", ""))
                 .await);
         }
-        let params =
-            match Params::parse(req.uri().query()).and_then(|p| p.only(ep.params).map(|_| p)) {
-                Ok(p) => p,
-                Err(e) => return Err(self.refused(&caller, ep, mount.clone(), e).await),
-            };
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > MAX_BODY as u64) {
-            return Err(self.refused(&caller, ep, mount.clone(), too_large()).await);
+        match params_and_body(req, ep).await {
+            Ok((params, body)) => Ok((caller, mount, params, body)),
+            Err(e) => Err(self.refused(&caller, ep, mount.clone(), e).await),
         }
-        let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
-        let body = if declared.unwrap_or(0) == 0 && !chunked {
-            Bytes::new()
+    }
+}
+
+/// The query parameters (only those of `ep`) and the body (at most
+/// MAX_BODY, within BODY_TIMEOUT) of a request.
+async fn params_and_body(req: Request, ep: &Endpoint) -> Result<(Params, Bytes), AgentError> {
+    let params = Params::parse(req.uri().query()).and_then(|p| p.only(ep.params).map(|_| p))?;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    if declared.unwrap_or(0) == 0 && !chunked {
+        return Ok((params, Bytes::new()));
+    }
+    match tokio::time::timeout(
+        BODY_TIMEOUT,
+        axum::body::to_bytes(req.into_body(), MAX_BODY),
+    )
+    .await
+    {
+        Ok(Ok(b)) => Ok((params, b)),
+        Ok(Err(e)) => Err(if is_length_limit(&*e.into_inner()) {
+            too_large()
         } else {
-            match tokio::time::timeout(
-                BODY_TIMEOUT,
-                axum::body::to_bytes(req.into_body(), MAX_BODY),
-            )
-            .await
-            {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => {
-                    let e = if is_length_limit(&*e.into_inner()) {
-                        too_large()
-                    } else {
-                        err("bad_request", "the request body could not be read")
-                    };
-                    return Err(self.refused(&caller, ep, mount.clone(), e).await);
-                }
-                Err(_) => {
-                    let e = err(
-                        "request_timeout",
-                        format!(
-                            "the request body did not arrive within {} s",
-                            BODY_TIMEOUT.as_secs()
-                        ),
-                    );
-                    return Err(self.refused(&caller, ep, mount.clone(), e).await);
-                }
-            }
-        };
-        Ok((caller, mount, params, body))
+            err("bad_request", "the request body could not be read")
+        }),
+        Err(_) => Err(err(
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )),
     }
 }
 

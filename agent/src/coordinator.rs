@@ -702,14 +702,8 @@ impl Coordinator {
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) {
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: wait instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
+            let Some((tcp, peer)) = accepted(listener.accept().await, "accept").await else {
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             // Unauthenticated connections are bounded: each may hold a hello buffer.
@@ -1245,13 +1239,8 @@ impl Coordinator {
     async fn admin_loop(self: Arc<Self>, listener: UnixListener) {
         let me_uid = sys::geteuid();
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("admin accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
+            let Some((stream, _)) = accepted(listener.accept().await, "admin accept").await else {
+                continue;
             };
             match stream.peer_cred() {
                 Ok(c) if c.uid() == 0 || c.uid() == me_uid => {}
@@ -1503,6 +1492,19 @@ impl AdminClient {
                         AdminError::new("internal", format!("unreadable reply: {v}"))
                     });
             Ok(Err(e))
+        }
+    }
+}
+
+/// The result of an accept; a failure (EMFILE and friends) is logged as
+/// "`what` failed" and followed by a pause instead of spinning.
+async fn accepted<T>(res: std::io::Result<T>, what: &str) -> Option<T> {
+    match res {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::warn!("{what} failed: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            None
         }
     }
 }

@@ -999,6 +999,20 @@ mod tests {
         }
     }
 
+    /// A rollback to "cp" on the fake agent, through the coordinator.
+    async fn rollback_cp(
+        running: &Running,
+    ) -> Result<crate::wire::CommandResult, crate::coordinator::AdminError> {
+        let op = AgentOp::Rollback {
+            mount: None,
+            name: "cp".into(),
+        };
+        running
+            .coordinator
+            .command("fake01", op, Duration::from_secs(10))
+            .await
+    }
+
     fn stored_seqs(running: &Running) -> Vec<u64> {
         let l = running
             .coordinator
@@ -1020,18 +1034,7 @@ mod tests {
         assert_eq!(s.agent.state.lock()["state"], "connected");
 
         // A command, through the coordinator, with its result.
-        let r = running
-            .coordinator
-            .command(
-                "fake01",
-                AgentOp::Rollback {
-                    mount: None,
-                    name: "cp".into(),
-                },
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+        let r = rollback_cp(&running).await.unwrap();
         assert!(r.ok, "{r:?}");
         assert_eq!(r.result.unwrap()["did"], "rollback");
 
@@ -1056,18 +1059,7 @@ mod tests {
         let link = spawn_link(s.agent.clone());
         let deadline = Instant::now() + Duration::from_secs(10);
         let r = loop {
-            match running
-                .coordinator
-                .command(
-                    "fake01",
-                    AgentOp::Rollback {
-                        mount: None,
-                        name: "cp".into(),
-                    },
-                    Duration::from_secs(10),
-                )
-                .await
-            {
+            match rollback_cp(&running).await {
                 Ok(r) => break r,
                 Err(e) if e.code == "not_connected" && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await

@@ -179,22 +179,16 @@ impl Agent {
         } else {
             Err(roles::denied(name, needed, caller, role))
         };
+        let info = CallInfo {
+            caller,
+            role,
+            op: name,
+            mount,
+            args,
+            time_ns,
+        };
         self.record(
-            AuditRecord {
-                seq: 0,
-                time_ns,
-                caller: caller.clone(),
-                role,
-                op: name.to_string(),
-                mount,
-                args,
-                result: outcome(&res),
-                error: res
-                    .as_ref()
-                    .err()
-                    .map(|e| format!("{}: {}", e.code, e.message)),
-                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-            },
+            info.finished(&res, start.elapsed().as_secs_f64() * 1000.0),
             sync,
         )
         .await;
@@ -335,22 +329,16 @@ impl Agent {
         } else {
             Err(roles::denied(FOLLOW_OP, Role::Monitor, caller, role))
         };
+        let info = CallInfo {
+            caller,
+            role,
+            op: FOLLOW_OP,
+            mount: mount_name,
+            args,
+            time_ns,
+        };
         self.record(
-            AuditRecord {
-                seq: 0,
-                time_ns,
-                caller: caller.clone(),
-                role,
-                op: FOLLOW_OP.to_string(),
-                mount: mount_name,
-                args,
-                result: outcome(&res),
-                error: res
-                    .as_ref()
-                    .err()
-                    .map(|e| format!("{}: {}", e.code, e.message)),
-                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-            },
+            info.finished(&res, start.elapsed().as_secs_f64() * 1000.0),
             false,
         )
         .await;
@@ -379,25 +367,15 @@ impl Agent {
             roles::denied(op, needed, caller, role)
         };
         let res: Result<(), AgentError> = Err(e);
-        self.record(
-            AuditRecord {
-                seq: 0,
-                time_ns,
-                caller: caller.clone(),
-                role,
-                op: op.to_string(),
-                mount,
-                args,
-                result: outcome(&res),
-                error: res
-                    .as_ref()
-                    .err()
-                    .map(|e| format!("{}: {}", e.code, e.message)),
-                duration_ms: 0.0,
-            },
-            false,
-        )
-        .await;
+        let info = CallInfo {
+            caller,
+            role,
+            op,
+            mount,
+            args,
+            time_ns,
+        };
+        self.record(info.finished(&res, 0.0), false).await;
         res.err()
             .unwrap_or_else(|| internal("refusal without an error"))
     }
@@ -420,6 +398,37 @@ impl Agent {
             .await
             .map_err(|e| internal(&format!("cannot start following: {e}")))??;
         Ok(rx)
+    }
+}
+
+/// What the audit log says of a call besides how it ended.
+struct CallInfo<'a> {
+    caller: &'a Caller,
+    role: Option<Role>,
+    op: &'a str,
+    mount: Option<String>,
+    args: Value,
+    time_ns: i64,
+}
+
+impl CallInfo<'_> {
+    /// The audit record of the call, ended with `res` after `duration_ms`.
+    fn finished<T>(self, res: &Result<T, AgentError>, duration_ms: f64) -> AuditRecord {
+        AuditRecord {
+            seq: 0,
+            time_ns: self.time_ns,
+            caller: self.caller.clone(),
+            role: self.role,
+            op: self.op.to_string(),
+            mount: self.mount,
+            args: self.args,
+            result: outcome(res),
+            error: res
+                .as_ref()
+                .err()
+                .map(|e| format!("{}: {}", e.code, e.message)),
+            duration_ms,
+        }
     }
 }
 

@@ -10,17 +10,19 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use layerfs::control::cli::{self, log_more_hint, CheckpointCmd, MountCmd};
 use layerfs::control::client::{Client, ClientError};
 use layerfs::control::proto::{
-    CheckpointInfo, DiffEntry, ErrorCode, JournalQuery, JournalRecord, Op, PruneReport, Retention,
-    RollbackReport, Status, VerifyReport,
+    CheckpointInfo, DiffEntry, ErrorCode, JournalRecord, Op, PruneReport, RollbackReport, Status,
+    VerifyReport,
 };
 use layerfs::control::render::{
-    self, clean, follow_line, parse_time, render_created, render_deleted, render_diff, render_list,
-    render_log, render_prune, render_restore, render_rollback, render_show, render_status,
-    render_verify, JOURNAL_OPS,
+    self, clean, follow_line, render_created, render_deleted, render_diff, render_list, render_log,
+    render_prune, render_restore, render_rollback, render_show, render_status, render_verify,
 };
 
+/// The name in messages.
+const PROG: &str = "layerfs-ctl";
 const EXIT_CODES: &str = "\
 Exit codes:
   0  ok
@@ -65,92 +67,8 @@ struct Cli {
 enum Cmd {
     /// Mount, layers, journal position, checkpoints, space, health.
     Status,
-    /// Show journal records (oldest first); every option narrows the result.
-    Log(LogArgs),
-    /// Print journal records as they are written (Ctrl-C to stop).
-    Follow {
-        /// Start at this sequence number (default: only new records).
-        #[arg(long, value_name = "N")]
-        from_seq: Option<u64>,
-    },
-    /// Create, list, show, compare and delete checkpoints.
-    #[command(subcommand)]
-    Checkpoint(CheckpointCmd),
-    /// Make the union exactly checkpoint NAME (the current state is saved first).
-    Rollback { name: String },
-    /// Bring back PATHs (union paths such as /etc/hosts) as they are in checkpoint NAME.
-    Restore {
-        name: String,
-        #[arg(required = true, value_name = "PATH")]
-        paths: Vec<String>,
-    },
-    /// Re-hash every stored object; exit 6 if any is missing or corrupt.
-    Verify,
-    /// Delete checkpoints not kept by any of the given rules.
-    Prune(PruneArgs),
-}
-
-#[derive(clap::Args)]
-struct LogArgs {
-    /// Records at or after this time [T: 2026-11-25T10:00:00Z, 10m, 2h, 3d, unix seconds].
-    #[arg(long, value_name = "T", value_parser = parse_time)]
-    since: Option<i64>,
-    /// Records at or before this time.
-    #[arg(long, value_name = "T", value_parser = parse_time)]
-    until: Option<i64>,
-    /// Union path prefix: /etc matches /etc and everything below it.
-    #[arg(long, value_name = "PREFIX")]
-    path: Option<String>,
-    /// Only these operations (repeat, or separate with commas).
-    #[arg(long = "op", value_name = "OP", value_delimiter = ',',
-          value_parser = clap::builder::PossibleValuesParser::new(JOURNAL_OPS))]
-    ops: Vec<String>,
-    /// Process name (comm), exact.
-    #[arg(long, value_name = "NAME")]
-    comm: Option<String>,
-    #[arg(long, value_name = "N")]
-    uid: Option<u32>,
-    /// Records with sequence number >= N.
-    #[arg(long, value_name = "N")]
-    from_seq: Option<u64>,
-    /// At most N records (server default 1000, at most 100000).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100000))]
-    limit: Option<u64>,
-}
-
-#[derive(Subcommand)]
-enum CheckpointCmd {
-    /// Snapshot the upper layer now (writes are held only briefly).
-    Create {
-        #[arg(long, value_name = "NAME")]
-        name: Option<String>,
-        #[arg(long, value_name = "TEXT")]
-        message: Option<String>,
-    },
-    /// All checkpoints, oldest first.
-    List,
-    /// Details of one checkpoint.
-    Show { name: String },
-    /// What changed from checkpoint A to B (default: to the live state).
-    Diff { a: String, b: Option<String> },
-    /// Delete a checkpoint (objects no other checkpoint uses are freed).
-    Delete { name: String },
-}
-
-#[derive(clap::Args)]
-struct PruneArgs {
-    /// Keep the N newest checkpoints.
-    #[arg(long, value_name = "N")]
-    keep_last: Option<u32>,
-    /// Keep the newest checkpoint of each of the last N hours.
-    #[arg(long, value_name = "N")]
-    keep_hourly: Option<u32>,
-    /// Keep the newest checkpoint of each of the last N days.
-    #[arg(long, value_name = "N")]
-    keep_daily: Option<u32>,
-    /// Keep the newest checkpoint of each of the last N weeks.
-    #[arg(long, value_name = "N")]
-    keep_weekly: Option<u32>,
+    #[command(flatten)]
+    Mount(MountCmd),
 }
 
 fn main() {
@@ -168,29 +86,8 @@ fn main() {
                 .exit(),
         },
     };
-    if let Cmd::Prune(p) = &cli.cmd {
-        if p.keep_last.is_none()
-            && p.keep_hourly.is_none()
-            && p.keep_daily.is_none()
-            && p.keep_weekly.is_none()
-        {
-            Cli::command()
-                .error(
-                    clap::error::ErrorKind::MissingRequiredArgument,
-                    "prune needs at least one --keep-* rule (with none, every checkpoint would be deleted)",
-                )
-                .exit();
-        }
-    }
-    if let Cmd::Restore { paths, .. } = &cli.cmd {
-        if let Some(p) = paths.iter().find(|p| !p.starts_with('/')) {
-            Cli::command()
-                .error(
-                    clap::error::ErrorKind::ValueValidation,
-                    format!("restore takes union paths starting with '/' (such as /etc/hosts), not '{p}'"),
-                )
-                .exit();
-        }
+    if let Cmd::Mount(m) = &cli.cmd {
+        m.validate::<Cli>();
     }
     let mut client = Client::connect(&socket).unwrap_or_else(|e| fail(&e));
     let code = run(&mut client, cli.cmd, cli.json).unwrap_or_else(|e| fail(&e));
@@ -223,17 +120,16 @@ fn run(client: &mut Client, cmd: Cmd, json: bool) -> Result<i32, ClientError> {
             let v = client.call(Op::Status)?;
             show(json, v, |s: Status| render_status(&s))
         }
-        Cmd::Log(a) => {
-            let query = JournalQuery {
-                from_seq: a.from_seq,
-                since_ns: a.since,
-                until_ns: a.until,
-                path_prefix: a.path,
-                ops: a.ops,
-                comm: a.comm,
-                uid: a.uid,
-                limit: a.limit,
-            };
+        Cmd::Mount(m) => mount_cmd(client, m, json),
+    }
+}
+
+/// Runs one of the per-mount commands shared with layerctl.
+fn mount_cmd(client: &mut Client, cmd: MountCmd, json: bool) -> Result<i32, ClientError> {
+    match cmd {
+        MountCmd::Log(a) => {
+            let limit = a.limit;
+            let query = a.into_query();
             let v = client.call(Op::Journal { query })?;
             if json {
                 print_json(&v);
@@ -245,28 +141,24 @@ fn run(client: &mut Client, cmd: Cmd, json: bool) -> Result<i32, ClientError> {
                 return Ok(0);
             }
             out(&render_log(&records));
-            if records.len() as u64 == a.limit.unwrap_or(1000) {
-                let next = records.last().map_or(0, |r| r.seq + 1);
-                eprintln!(
-                    "(showing the first {} records; continue with --from-seq {next})",
-                    records.len()
-                );
+            if let Some(hint) = log_more_hint(&records, limit) {
+                eprintln!("{hint}");
             }
             Ok(0)
         }
-        Cmd::Follow { from_seq } => follow(client, from_seq, json),
-        Cmd::Checkpoint(c) => checkpoint(client, c, json),
-        Cmd::Rollback { name } => {
+        MountCmd::Follow { from_seq } => follow(client, from_seq, json),
+        MountCmd::Checkpoint(c) => checkpoint(client, c, json),
+        MountCmd::Rollback { name } => {
             let v = call_with_progress(client, Op::Rollback { name })?;
             show(json, v, |r: RollbackReport| {
                 render_rollback(&r, "layerfs-ctl")
             })
         }
-        Cmd::Restore { name, paths } => {
+        MountCmd::Restore { name, paths } => {
             let v = call_with_progress(client, Op::Restore { name, paths })?;
             show(json, v, |r: RollbackReport| render_restore(&r))
         }
-        Cmd::Verify => {
+        MountCmd::Verify => {
             let v = call_with_progress(client, Op::Verify)?;
             let r: VerifyReport = parse(&v)?;
             if json {
@@ -281,13 +173,8 @@ fn run(client: &mut Client, cmd: Cmd, json: bool) -> Result<i32, ClientError> {
                 Ok(6)
             }
         }
-        Cmd::Prune(p) => {
-            let policy = Retention {
-                keep_last: p.keep_last,
-                keep_hourly: p.keep_hourly,
-                keep_daily: p.keep_daily,
-                keep_weekly: p.keep_weekly,
-            };
+        MountCmd::Prune(p) => {
+            let policy = p.retention();
             let v = client.call(Op::Prune { policy })?;
             show(json, v, |r: PruneReport| render_prune(&r))
         }
@@ -426,27 +313,17 @@ fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ClientError> {
 
 /// A list result: a bare array, or an object holding it under `key`.
 fn list_of<T: DeserializeOwned>(v: &Value, key: &str) -> Result<Vec<T>, ClientError> {
-    match v.get(key) {
-        Some(inner) if v.is_object() => parse(inner),
-        _ => parse(v),
-    }
+    parse(cli::list_value(v, key))
 }
 
 fn print_json(v: &Value) {
-    out(&render::pretty_json(v));
+    cli::print_json(PROG, v);
 }
 
-/// Write to stdout; a closed pipe (`| head`) ends the program quietly.
 fn out(s: &str) {
-    if !emit(s) {
-        exit(0);
-    }
+    cli::out(PROG, s);
 }
 
-/// Write and flush to stdout; false if stdout is gone.
 fn emit(s: &str) -> bool {
-    render::emit(s).unwrap_or_else(|e| {
-        eprintln!("layerfs-ctl: cannot write the output: {e}");
-        exit(1)
-    })
+    cli::emit(PROG, s)
 }

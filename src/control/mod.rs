@@ -1,6 +1,7 @@
 //! The local control socket of a mounted layerfs: protocol, server, client,
 //! and the service that answers requests from the union's state.
 
+pub mod cli;
 pub mod client;
 pub mod proto;
 pub mod render;

@@ -56,7 +56,11 @@ impl Service {
                 .collect(),
             upper: self.upper.as_ref().map(|p| p.display().to_string()),
             statedir: self.statedir.as_ref().map(|p| p.display().to_string()),
-            journal_seq: self.journal.last_seq(),
+            // Records still queued count: a caller that just made a change sees it.
+            journal_seq: {
+                self.journal.flush();
+                self.journal.last_seq()
+            },
             last_checkpoint: self.checkpoints.last()?,
             checkpoints: self.checkpoints.count()?,
             store_bytes: self.checkpoints.store().total_bytes()?,

@@ -10,13 +10,14 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
+use layerfs::control::cli::{self, log_more_hint, CheckpointCmd, MountCmd};
 use layerfs::control::proto::{
     CheckpointInfo, DiffEntry, JournalRecord, PruneReport, RollbackReport, Status, VerifyReport,
 };
 use layerfs::control::render::{
     self, clean, fmt_ms, fmt_time, follow_line, parse_time, render_created, render_deleted,
     render_diff, render_list, render_log, render_pairs, render_prune, render_restore,
-    render_rollback, render_show, render_status, render_verify, Table, JOURNAL_OPS,
+    render_rollback, render_show, render_status, render_verify, Table,
 };
 use layerfs_agent::audit::{AuditRecord, AuditResult};
 use layerfs_agent::http_client::{self, encode, query, HttpError};
@@ -28,6 +29,8 @@ const MAX_BODY: u64 = 256 << 20;
 /// Longest line of the follow stream (one journal record).
 const MAX_LINE: usize = 16 << 20;
 
+/// The name in messages.
+const PROG: &str = "layerctl";
 const EXIT_CODES: &str = "\
 Exit codes:
   0  ok
@@ -67,29 +70,8 @@ struct Cli {
 enum Cmd {
     /// The agent and each mount: layers, journal position, checkpoints, space, health.
     Status,
-    /// Show journal records (oldest first); every option narrows the result.
-    Log(LogArgs),
-    /// Print journal records as they are written (Ctrl-C to stop).
-    Follow {
-        /// Start at this sequence number (default: only new records).
-        #[arg(long, value_name = "N")]
-        from_seq: Option<u64>,
-    },
-    /// Create, list, show, compare and delete checkpoints.
-    #[command(subcommand)]
-    Checkpoint(CheckpointCmd),
-    /// Make the union exactly checkpoint NAME (the current state is saved first).
-    Rollback { name: String },
-    /// Bring back PATHs (union paths such as /etc/hosts) as they are in checkpoint NAME.
-    Restore {
-        name: String,
-        #[arg(required = true, value_name = "PATH")]
-        paths: Vec<String>,
-    },
-    /// Re-hash every stored object; exit 6 if any is missing or corrupt.
-    Verify,
-    /// Delete checkpoints not kept by any of the given rules.
-    Prune(PruneArgs),
+    #[command(flatten)]
+    Mount(MountCmd),
     /// The agent's audit log: every call, who made it, and its result.
     Audit(AuditArgs),
     /// Print a shell completion script to stdout.
@@ -104,69 +86,6 @@ enum CompletionShell {
     Bash,
     Zsh,
     Fish,
-}
-
-#[derive(clap::Args)]
-struct LogArgs {
-    /// Records at or after this time [T: 2026-11-25T10:00:00Z, 10m, 2h, 3d, unix seconds].
-    #[arg(long, value_name = "T", value_parser = parse_time)]
-    since: Option<i64>,
-    /// Records at or before this time.
-    #[arg(long, value_name = "T", value_parser = parse_time)]
-    until: Option<i64>,
-    /// Union path prefix: /etc matches /etc and everything below it.
-    #[arg(long, value_name = "PREFIX")]
-    path: Option<String>,
-    /// Only these operations (repeat, or separate with commas).
-    #[arg(long = "op", value_name = "OP", value_delimiter = ',',
-          value_parser = clap::builder::PossibleValuesParser::new(JOURNAL_OPS))]
-    ops: Vec<String>,
-    /// Process name (comm), exact.
-    #[arg(long, value_name = "NAME")]
-    comm: Option<String>,
-    #[arg(long, value_name = "N")]
-    uid: Option<u32>,
-    /// Records with sequence number >= N.
-    #[arg(long, value_name = "N")]
-    from_seq: Option<u64>,
-    /// At most N records (server default 1000, at most 100000).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100000))]
-    limit: Option<u64>,
-}
-
-#[derive(Subcommand)]
-enum CheckpointCmd {
-    /// Snapshot the upper layer now (writes are held only briefly).
-    Create {
-        #[arg(long, value_name = "NAME")]
-        name: Option<String>,
-        #[arg(long, value_name = "TEXT")]
-        message: Option<String>,
-    },
-    /// All checkpoints, oldest first.
-    List,
-    /// Details of one checkpoint.
-    Show { name: String },
-    /// What changed from checkpoint A to B (default: to the live state).
-    Diff { a: String, b: Option<String> },
-    /// Delete a checkpoint (objects no other checkpoint uses are freed).
-    Delete { name: String },
-}
-
-#[derive(clap::Args)]
-struct PruneArgs {
-    /// Keep the N newest checkpoints.
-    #[arg(long, value_name = "N")]
-    keep_last: Option<u32>,
-    /// Keep the newest checkpoint of each of the last N hours.
-    #[arg(long, value_name = "N")]
-    keep_hourly: Option<u32>,
-    /// Keep the newest checkpoint of each of the last N days.
-    #[arg(long, value_name = "N")]
-    keep_daily: Option<u32>,
-    /// Keep the newest checkpoint of each of the last N weeks.
-    #[arg(long, value_name = "N")]
-    keep_weekly: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -251,29 +170,8 @@ fn main() {
         }
         exit(0);
     }
-    if let Cmd::Prune(p) = &cli.cmd {
-        if p.keep_last.is_none()
-            && p.keep_hourly.is_none()
-            && p.keep_daily.is_none()
-            && p.keep_weekly.is_none()
-        {
-            Cli::command()
-                .error(
-                    clap::error::ErrorKind::MissingRequiredArgument,
-                    "prune needs at least one --keep-* rule (with none, every checkpoint would be deleted)",
-                )
-                .exit();
-        }
-    }
-    if let Cmd::Restore { paths, .. } = &cli.cmd {
-        if let Some(p) = paths.iter().find(|p| !p.starts_with('/')) {
-            Cli::command()
-                .error(
-                    clap::error::ErrorKind::ValueValidation,
-                    format!("restore takes union paths starting with '/' (such as /etc/hosts), not '{p}'"),
-                )
-                .exit();
-        }
+    if let Cmd::Mount(m) = &cli.cmd {
+        m.validate::<Cli>();
     }
     if cli.mount.as_deref() == Some("") {
         Cli::command()
@@ -304,16 +202,25 @@ fn main() {
 
 /// Runs one command; returns the exit code.
 fn run(ctx: &Ctx, cmd: Cmd) -> Result<i32, Fail> {
-    let m = ctx.mount_url();
     match cmd {
         Cmd::Completions { .. } => Ok(0),
         Cmd::Status => status(ctx),
-        Cmd::Log(a) => {
+        Cmd::Mount(c) => mount_cmd(ctx, c),
+        Cmd::Audit(a) => audit(ctx, a),
+    }
+}
+
+/// Runs one of the per-mount commands shared with layerfs-ctl.
+fn mount_cmd(ctx: &Ctx, cmd: MountCmd) -> Result<i32, Fail> {
+    let m = ctx.mount_url();
+    match cmd {
+        MountCmd::Log(a) => {
+            let a = a.into_query();
             let mut q: Vec<(&str, String)> = Vec::new();
             push(&mut q, "from_seq", a.from_seq);
-            push(&mut q, "since_ns", a.since);
-            push(&mut q, "until_ns", a.until);
-            push(&mut q, "path", a.path);
+            push(&mut q, "since_ns", a.since_ns);
+            push(&mut q, "until_ns", a.until_ns);
+            push(&mut q, "path", a.path_prefix);
             for op in a.ops {
                 q.push(("op", op));
             }
@@ -331,18 +238,14 @@ fn run(ctx: &Ctx, cmd: Cmd) -> Result<i32, Fail> {
                 return Ok(0);
             }
             out(&render_log(&records));
-            if records.len() as u64 == a.limit.unwrap_or(1000) {
-                let next = records.last().map_or(0, |r| r.seq + 1);
-                eprintln!(
-                    "(showing the first {} records; continue with --from-seq {next})",
-                    records.len()
-                );
+            if let Some(hint) = log_more_hint(&records, a.limit) {
+                eprintln!("{hint}");
             }
             Ok(0)
         }
-        Cmd::Follow { from_seq } => follow(ctx, from_seq),
-        Cmd::Checkpoint(c) => checkpoint(ctx, c),
-        Cmd::Rollback { name } => {
+        MountCmd::Follow { from_seq } => follow(ctx, from_seq),
+        MountCmd::Checkpoint(c) => checkpoint(ctx, c),
+        MountCmd::Rollback { name } => {
             let body = json!({ "checkpoint": name });
             let label = format!("rolling back to {}", clean(&name));
             let v = with_progress(&label, || {
@@ -350,7 +253,7 @@ fn run(ctx: &Ctx, cmd: Cmd) -> Result<i32, Fail> {
             })?;
             show(ctx, v, |r: RollbackReport| render_rollback(&r, &ctx.tool()))
         }
-        Cmd::Restore { name, paths } => {
+        MountCmd::Restore { name, paths } => {
             let body = json!({ "checkpoint": name, "paths": paths });
             let label = format!("restoring from {}", clean(&name));
             let v = with_progress(&label, || {
@@ -358,7 +261,7 @@ fn run(ctx: &Ctx, cmd: Cmd) -> Result<i32, Fail> {
             })?;
             show(ctx, v, |r: RollbackReport| render_restore(&r))
         }
-        Cmd::Verify => {
+        MountCmd::Verify => {
             let v = with_progress("verifying", || {
                 call(ctx, "POST", &format!("{m}/verify"), None)
             })?;
@@ -375,14 +278,9 @@ fn run(ctx: &Ctx, cmd: Cmd) -> Result<i32, Fail> {
                 Ok(6)
             }
         }
-        Cmd::Prune(p) => {
+        MountCmd::Prune(p) => {
             let mut body = Map::new();
-            for (k, v) in [
-                ("keep_last", p.keep_last),
-                ("keep_hourly", p.keep_hourly),
-                ("keep_daily", p.keep_daily),
-                ("keep_weekly", p.keep_weekly),
-            ] {
+            for (k, v) in p.rules() {
                 if let Some(n) = v {
                     body.insert(k.into(), n.into());
                 }
@@ -395,7 +293,6 @@ fn run(ctx: &Ctx, cmd: Cmd) -> Result<i32, Fail> {
             )?;
             show(ctx, v, |r: PruneReport| render_prune(&r))
         }
-        Cmd::Audit(a) => audit(ctx, a),
     }
 }
 
@@ -944,27 +841,17 @@ fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, Fail> {
 
 /// A list result: a bare array, or an object holding it under `key`.
 fn list_of<T: DeserializeOwned>(v: &Value, key: &str) -> Result<Vec<T>, Fail> {
-    match v.get(key) {
-        Some(inner) if v.is_object() => parse(inner),
-        _ => parse(v),
-    }
+    parse(cli::list_value(v, key))
 }
 
 fn print_json(v: &Value) {
-    out(&render::pretty_json(v));
+    cli::print_json(PROG, v);
 }
 
-/// Write to stdout; a closed pipe (`| head`) ends the program quietly.
 fn out(s: &str) {
-    if !emit(s) {
-        exit(0);
-    }
+    cli::out(PROG, s);
 }
 
-/// Write and flush to stdout; false if stdout is gone.
 fn emit(s: &str) -> bool {
-    render::emit(s).unwrap_or_else(|e| {
-        eprintln!("layerctl: cannot write the output: {e}");
-        exit(1)
-    })
+    cli::emit(PROG, s)
 }
