@@ -18,8 +18,21 @@ B=/tmp/lfpj
 mkdir -p "$OUT"
 
 cleanup() {
-  umount -l "$B/m" 2>/dev/null || true
-  umount -l "$B" 2>/dev/null || true
+  umount "$B/m" 2>/dev/null || umount -l "$B/m" 2>/dev/null || true
+  # A FUSE daemon finishes after its unmount (it closes its journal on $B):
+  # wait for the image to be free. A lazy unmount would leave the loop device
+  # attached, and the next mount of the re-made image would reuse its stale state.
+  local i
+  for i in $(seq 100); do
+    mountpoint -q "$B" || break
+    umount "$B" 2>/dev/null && break
+    sleep 0.1
+  done
+  mountpoint -q "$B" && umount -l "$B" 2>/dev/null || true
+  local dev
+  for dev in $(losetup -j "$OUT/scratch.img" -O NAME -n 2>/dev/null); do
+    losetup -d "$dev" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT
 
@@ -66,7 +79,7 @@ run_one() {
   total=$(sed -E 's/.* ([0-9?]+) total.*/\1/' <<<"$s")
   grep -E 'FAILED|failed$' "$OUT/$be.log" | awk '{print $1}' | sort > "$OUT/$be.failed" || true
   echo "RESULT $be passed=$passed failed=$failed skipped=$skipped total=$total"
-  umount "$B/m" 2>/dev/null || umount -l "$B/m" 2>/dev/null || true
+  cleanup
 }
 
 for be in "${backends[@]}"; do run_one "$be"; done
