@@ -78,8 +78,9 @@ fi
 stage=$ROOT/target/packaging
 rm -rf "${stage:?}/docs" "${stage:?}/bin"
 mkdir -p "$stage/docs" "$stage/bin" "$stage/out"
-# Man page and completions from layerfs::cli::Args (a host tool, debug build).
-cargo run --locked -q -p layerfs-gendocs -- "$stage/docs" >/dev/null
+# Man page and completions from layerfs::cli::Args (a host tool; release
+# profile like everything else, so RocksDB is not compiled a second time).
+cargo run --release --locked -q -p layerfs-gendocs -- "$stage/docs" >/dev/null
 gzip -9nf "$stage/docs/man/layerfs.8"
 if [ -f README.md ]; then
     cp README.md "$stage/docs/README.md"
