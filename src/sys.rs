@@ -422,48 +422,7 @@ pub struct DirEntry {
 /// Read all entries of a directory (without `.` and `..`).
 pub fn read_dir_all(dir: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
     let fd = openat(dir, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: buf is writable for its length; getdents64 fills whole records.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_getdents64,
-                fd.as_raw_fd(),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n == 0 {
-            break;
-        }
-        let mut off = 0usize;
-        while off < n as usize {
-            // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name...
-            let rec = &buf[off..];
-            let ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap_or([0; 8]));
-            let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
-            let dtype = rec[18];
-            let name_bytes = &rec[19..reclen];
-            let nlen = name_bytes
-                .iter()
-                .position(|b| *b == 0)
-                .unwrap_or(name_bytes.len());
-            let name = &name_bytes[..nlen];
-            if name != b"." && name != b".." {
-                out.push(DirEntry {
-                    ino,
-                    dtype,
-                    name: name.to_vec(),
-                });
-            }
-            off += reclen;
-        }
-    }
-    Ok(out)
+    read_dir_fd(fd.as_fd())
 }
 
 pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
