@@ -705,6 +705,7 @@ impl Checkpoints {
                 pid: std::process::id(),
                 comm: b"layerfs".to_vec(),
                 detail: Some(format!("checkpoint {}", intent.checkpoint)),
+                also: 0,
             })?;
         }
         // A full rollback makes the upper exactly the target; a restore
@@ -807,6 +808,7 @@ impl Checkpoints {
                 pid: 0,
                 comm: b"?".to_vec(),
                 detail: Some("changed around a crash of the daemon; who made it is unknown".into()),
+                also: 0,
             })?;
         }
         if found.is_empty() {

@@ -148,28 +148,36 @@ fn timespec(t: TimeOrNow) -> TimeSpec {
 }
 
 impl LayerFs {
-    /// Journal a change to `name` in `parent` (done after it succeeded).
+    /// Journal a change to `name` in `parent` (done after it succeeded);
+    /// `ino`: the object's node id when known (0 if not).
+    #[allow(clippy::too_many_arguments)]
     fn note(
         &self,
         who: Who,
         op: Op,
         parent: u64,
         name: &OsStr,
+        ino: u64,
         path2: Option<Vec<u8>>,
         detail: Option<String>,
     ) {
         if let Some(j) = &self.journal {
             if let Some(p) = self.union.path_in(parent, name) {
-                j.record(who, op, &p, path2.as_deref(), detail);
+                j.record(who, op, ino, p, path2, detail);
             }
         }
     }
 
-    /// Journal a change to the object `ino`.
+    /// Journal a change to the object `ino`: folded into the last record
+    /// when that one is about the same object by the same caller (no path
+    /// to build then), else a record of its own.
     fn note_ino(&self, who: Who, op: Op, ino: u64, detail: Option<String>) {
         if let Some(j) = &self.journal {
+            if j.fold_into_last(who, op, ino, detail.as_deref()) {
+                return;
+            }
             if let Some(p) = self.union.path_of(ino) {
-                j.record(who, op, &p, None, detail);
+                j.record(who, op, ino, p, None, detail);
             }
         }
     }
@@ -466,9 +474,9 @@ impl Filesystem for LayerFs {
             },
         )
         .map(|(n, st, _)| (n, st));
-        if r.is_ok() {
+        if let Ok((n, _)) = &r {
             let d = format!("mode {:06o} rdev {rdev}", mode);
-            self.note(who(req), Op::Mknod, parent.0, name, None, Some(d));
+            self.note(who(req), Op::Mknod, parent.0, name, n.ino, None, Some(d));
         }
         self.entry(reply, r);
     }
@@ -491,8 +499,8 @@ impl Filesystem for LayerFs {
             NewObject::Dir { mode },
         )
         .map(|(n, st, _)| (n, st));
-        if r.is_ok() {
-            self.note(who(req), Op::Mkdir, parent.0, name, None, None);
+        if let Ok((n, _)) = &r {
+            self.note(who(req), Op::Mkdir, parent.0, name, n.ino, None, None);
         }
         self.entry(reply, r);
     }
@@ -504,7 +512,7 @@ impl Filesystem for LayerFs {
         match namespace::unlink(&self.union, parent.0, name) {
             Ok(()) => {
                 if let (Some(j), Some(p)) = (&self.journal, path) {
-                    j.record(who(req), Op::Unlink, &p, None, None);
+                    j.record(who(req), Op::Unlink, 0, p, None, None);
                 }
                 reply.ok()
             }
@@ -518,7 +526,7 @@ impl Filesystem for LayerFs {
         match namespace::rmdir(&self.union, parent.0, name) {
             Ok(()) => {
                 if let (Some(j), Some(p)) = (&self.journal, path) {
-                    j.record(who(req), Op::Rmdir, &p, None, None);
+                    j.record(who(req), Op::Rmdir, 0, p, None, None);
                 }
                 reply.ok()
             }
@@ -545,9 +553,17 @@ impl Filesystem for LayerFs {
             },
         )
         .map(|(n, st, _)| (n, st));
-        if r.is_ok() {
+        if let Ok((n, _)) = &r {
             let d = format!("-> {}", target.display());
-            self.note(who(req), Op::Symlink, parent.0, link_name, None, Some(d));
+            self.note(
+                who(req),
+                Op::Symlink,
+                parent.0,
+                link_name,
+                n.ino,
+                None,
+                Some(d),
+            );
         }
         self.entry(reply, r);
     }
@@ -574,7 +590,7 @@ impl Filesystem for LayerFs {
             Ok(()) => {
                 let to = self.union.path_in(newparent.0, newname);
                 let d = (flags.bits() & libc::RENAME_EXCHANGE != 0).then(|| "exchange".to_string());
-                self.note(who(req), Op::Rename, parent.0, name, to, d);
+                self.note(who(req), Op::Rename, parent.0, name, 0, to, d);
                 reply.ok()
             }
             Err(e) => reply.error(err(e)),
@@ -593,7 +609,7 @@ impl Filesystem for LayerFs {
         let target = self.union.path_of(ino.0);
         let r = namespace::link(&self.union, ino.0, newparent.0, newname);
         if r.is_ok() {
-            self.note(who(req), Op::Link, newparent.0, newname, target, None);
+            self.note(who(req), Op::Link, newparent.0, newname, 0, target, None);
         }
         self.entry(reply, r);
     }
@@ -959,7 +975,7 @@ impl Filesystem for LayerFs {
         );
         match r {
             Ok((node, st, Some(fd))) => {
-                self.note(who(req), Op::Create, parent.0, name, None, None);
+                self.note(who(req), Op::Create, parent.0, name, node.ino, None, None);
                 // The new file's attributes are known: no fstat needed.
                 let watch = self.journal.as_ref().map(|_| WriteWatch {
                     who: who(req),

@@ -83,6 +83,10 @@ impl Node {
 /// Sharded map so lookups in different directories do not contend on one lock.
 pub struct InodeTable {
     shards: Vec<Mutex<HashMap<u64, Arc<Node>>>>,
+    /// Bumped after any known node changes its name or parent, becomes
+    /// unlinked, or leaves the table (its number may then name another
+    /// object): paths cached before are stale (see `Union::path_of`).
+    names_gen: AtomicU64,
 }
 
 impl Default for InodeTable {
@@ -95,7 +99,17 @@ impl InodeTable {
     pub fn new() -> Self {
         InodeTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            names_gen: AtomicU64::new(0),
         }
+    }
+
+    pub fn names_gen(&self) -> u64 {
+        self.names_gen.load(Ordering::Acquire)
+    }
+
+    /// A node's place in the namespace changed (call after the change).
+    pub fn names_changed(&self) {
+        self.names_gen.fetch_add(1, Ordering::AcqRel);
     }
 
     fn shard(&self, ino: u64) -> &Mutex<HashMap<u64, Arc<Node>>> {
@@ -132,6 +146,9 @@ impl InodeTable {
                 if st.unlinked {
                     // A stale node for a number the upper reused: start over.
                     *st = state;
+                    drop(st);
+                    self.names_changed();
+                    return n.clone();
                 } else if (st.parent, &st.name) != (state.parent, &state.name)
                     && !st
                         .aliases
@@ -157,7 +174,11 @@ impl InodeTable {
             lookups: AtomicU64::new(carried + 1),
             state: RwLock::new(state),
         });
-        shard.insert(ino, node.clone());
+        let replaced = shard.insert(ino, node.clone()).is_some();
+        drop(shard);
+        if replaced {
+            self.names_changed();
+        }
         node
     }
 
@@ -182,6 +203,8 @@ impl InodeTable {
             );
             if prev <= n {
                 shard.remove(&ino);
+                drop(shard);
+                self.names_changed();
             }
         }
     }

@@ -9,7 +9,9 @@
 //! exactly explains the upper. Records still queued when the daemon is
 //! killed are lost; the next mount finds what they described in the upper
 //! (`Checkpoints::repair_journal`). Writes are coalesced: one record per file
-//! per open-to-close.
+//! per open-to-close. Consecutive changes to one object by one process (tar:
+//! create, write, chown, chmod, utimes) fold into one record while it is still
+//! queued: its `op` is the first change and `also` names the others.
 //!
 //! Storage (column families): `journal`: seq (u64 BE) -> record (v1, BE);
 //! `by_path`: path ++ 0 ++ seq (BE) -> empty, for path-prefix queries;
@@ -33,7 +35,10 @@ pub const CF_BY_PATH: &str = "by_path";
 pub const CF_META: &str = "meta";
 pub const CF_CHECKPOINTS: &str = "checkpoints";
 
+/// v1 records; v2 is v1 plus the folded operations (`also`), written only
+/// when there are some.
 const RECORD_VERSION: u8 = 1;
+const RECORD_VERSION_ALSO: u8 = 2;
 
 /// What happened. The numbers are stored: never renumber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +121,31 @@ impl Op {
 
     /// Does this change replace what is below the path wholesale (so a
     /// checkpoint must re-read the whole subtree), or only the object itself?
+    /// Attribute and content changes: these fold into a queued record for
+    /// the same object by the same process.
+    fn foldable(self) -> bool {
+        matches!(
+            self,
+            Op::Write
+                | Op::Truncate
+                | Op::Fallocate
+                | Op::Chmod
+                | Op::Chown
+                | Op::Utimes
+                | Op::Setxattr
+                | Op::Removexattr
+        )
+    }
+
+    /// Can a record of this operation take in a foldable change?
+    fn absorbs(self) -> bool {
+        self.foldable() || matches!(self, Op::Create | Op::Mkdir | Op::Mknod | Op::Symlink)
+    }
+
+    fn bit(self) -> u32 {
+        1 << (self as u8)
+    }
+
     pub fn deep(self) -> bool {
         matches!(
             self,
@@ -125,7 +155,7 @@ impl Op {
 }
 
 /// Who made a change.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Who {
     pub uid: u32,
     pub gid: u32,
@@ -146,7 +176,12 @@ pub struct Record {
     pub pid: u32,
     pub comm: Vec<u8>,
     pub detail: Option<String>,
+    /// Other operations folded into this record: bit `1 << op` per operation.
+    pub also: u32,
 }
+
+/// Longest detail a folded record grows to; past it, a new record starts.
+const MAX_FOLDED_DETAIL: usize = 256;
 
 fn put_bytes16(o: &mut Vec<u8>, b: &[u8]) {
     let n = b.len().min(u16::MAX as usize);
@@ -194,9 +229,14 @@ impl Record {
     /// v1: version u8, time_ns i64, op u8, uid u32, gid u32, pid u32,
     /// comm (u16 len), path (u32 len), flags u8 (1: path2, 2: detail),
     /// [path2 (u32 len)], [detail (u32 len, UTF-8)]. Big-endian.
+    /// v2: v1, then `also` u32 (bit `1 << op` per folded operation).
     pub fn encode(&self) -> Vec<u8> {
         let mut o = Vec::with_capacity(48 + self.path.len());
-        o.push(RECORD_VERSION);
+        o.push(if self.also != 0 {
+            RECORD_VERSION_ALSO
+        } else {
+            RECORD_VERSION
+        });
         o.extend_from_slice(&self.time_ns.to_be_bytes());
         o.push(self.op as u8);
         o.extend_from_slice(&self.uid.to_be_bytes());
@@ -212,13 +252,42 @@ impl Record {
         if let Some(d) = &self.detail {
             put_bytes32(&mut o, d.as_bytes());
         }
+        if self.also != 0 {
+            o.extend_from_slice(&self.also.to_be_bytes());
+        }
         o
+    }
+
+    /// Is `op` this record's operation or one folded into it?
+    pub fn has_op(&self, op: Op) -> bool {
+        self.op == op || self.also & op.bit() != 0
+    }
+
+    /// Take in a later change `op` to the same object by the same author
+    /// (the caller knows both): false if this record cannot.
+    fn absorb(&mut self, op: Op, detail: Option<&str>) -> bool {
+        if !(op.foldable() && self.op.absorbs() && self.path2.is_none()) {
+            return false;
+        }
+        match (&mut self.detail, detail) {
+            (Some(a), Some(b)) if a.len() + b.len() + 2 > MAX_FOLDED_DETAIL => return false,
+            (Some(a), Some(b)) => {
+                a.push_str("; ");
+                a.push_str(b);
+            }
+            (a @ None, Some(b)) => *a = Some(b.to_string()),
+            (_, None) => {}
+        }
+        if op != self.op {
+            self.also |= op.bit();
+        }
+        true
     }
 
     pub fn decode(seq: u64, b: &[u8]) -> io::Result<Record> {
         let mut r = Rd(b);
         let [v] = r.arr::<1>()?;
-        if v != RECORD_VERSION {
+        if v != RECORD_VERSION && v != RECORD_VERSION_ALSO {
             return Err(corrupt(&format!("unknown version {v}")));
         }
         let time_ns = i64::from_be_bytes(r.arr()?);
@@ -236,6 +305,11 @@ impl Record {
         } else {
             None
         };
+        let also = if v == RECORD_VERSION_ALSO {
+            u32::from_be_bytes(r.arr()?)
+        } else {
+            0
+        };
         Ok(Record {
             seq,
             time_ns,
@@ -247,6 +321,7 @@ impl Record {
             pid,
             comm,
             detail,
+            also,
         })
     }
 
@@ -262,6 +337,11 @@ impl Record {
             pid: self.pid,
             comm: String::from_utf8_lossy(&self.comm).into_owned(),
             detail: self.detail.clone(),
+            also: OPS
+                .iter()
+                .filter(|o| self.also & o.bit() != 0)
+                .map(|o| o.name().to_string())
+                .collect(),
         }
     }
 }
@@ -293,26 +373,42 @@ impl CommCache {
             return b"kernel".to_vec();
         }
         let now = Instant::now();
-        if let Some((c, t)) = self.map.lock().get(&pid) {
-            if now.duration_since(*t) < COMM_TTL {
-                return c.clone();
-            }
+        // This thread's last answer first: no lock for a run of changes by
+        // one process.
+        let fresh =
+            |(p, _, t): &&(u32, Vec<u8>, Instant)| *p == pid && now.duration_since(*t) < COMM_TTL;
+        if let Some(c) = LAST_COMM.with(|l| l.borrow().as_ref().filter(fresh).map(|e| e.1.clone()))
+        {
+            return c;
         }
-        let comm = std::fs::read(format!("/proc/{pid}/comm"))
-            .map(|mut c| {
-                while c.last() == Some(&b'\n') {
-                    c.pop();
+        let cached = self.map.lock().get(&pid).cloned();
+        let (comm, t) = match cached {
+            Some((c, t)) if now.duration_since(t) < COMM_TTL => (c, t),
+            _ => {
+                let comm = std::fs::read(format!("/proc/{pid}/comm"))
+                    .map(|mut c| {
+                        while c.last() == Some(&b'\n') {
+                            c.pop();
+                        }
+                        c
+                    })
+                    .unwrap_or_else(|_| b"?".to_vec());
+                let mut m = self.map.lock();
+                if m.len() > 4096 {
+                    m.retain(|_, (_, t)| now.duration_since(*t) < COMM_TTL);
                 }
-                c
-            })
-            .unwrap_or_else(|_| b"?".to_vec());
-        let mut m = self.map.lock();
-        if m.len() > 4096 {
-            m.retain(|_, (_, t)| now.duration_since(*t) < COMM_TTL);
-        }
-        m.insert(pid, (comm.clone(), now));
+                m.insert(pid, (comm.clone(), now));
+                (comm, now)
+            }
+        };
+        LAST_COMM.with(|l| *l.borrow_mut() = Some((pid, comm.clone(), t)));
         comm
     }
+}
+
+thread_local! {
+    static LAST_COMM: std::cell::RefCell<Option<(u32, Vec<u8>, Instant)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 pub struct Journal {
@@ -357,6 +453,9 @@ pub struct Inner {
 
 struct Queue {
     recs: Vec<Record>,
+    /// The object (node id, 0: unknown) and author of the last record in
+    /// `recs`, which later changes may fold into.
+    tail: (u64, Who),
     assigned: u64,
     /// Someone waits for the queue to be written: no group-commit delay.
     flush_wanted: bool,
@@ -366,7 +465,7 @@ struct Queue {
 /// one database write and one wake-up for many changes instead of two
 /// context switches per change, which on a 2-core guest cost more than the
 /// change itself.
-const GROUP_DELAY: Duration = Duration::from_millis(2);
+const GROUP_DELAY: Duration = Duration::from_millis(20);
 
 /// Most records queued before producers wait for the writer.
 const MAX_QUEUED: usize = 65_536;
@@ -450,6 +549,7 @@ impl Inner {
             stop: AtomicBool::new(false),
             queue: Mutex::new(Queue {
                 recs: Vec::new(),
+                tail: (0, Who::default()),
                 assigned: last,
                 flush_wanted: false,
             }),
@@ -477,14 +577,35 @@ impl Inner {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Record a change. Never fails the caller's operation (the change is
-    /// already made): a failed write is logged and shown in `status`.
+    /// Fold a change to object `ino` (a node id) into the last queued record
+    /// if that one is about the same object by the same author and still
+    /// waits for the writer (tar: create, then write, chown, chmod and
+    /// utimes of the file). Cheap: no path, no allocation. False when the
+    /// caller must `record` the change instead.
+    pub fn fold_into_last(&self, who: Who, op: Op, ino: u64, detail: Option<&str>) -> bool {
+        if ino == 0 || !op.foldable() {
+            return false;
+        }
+        let mut q = self.queue.lock();
+        if q.tail != (ino, who) {
+            return false;
+        }
+        match q.recs.last_mut() {
+            Some(last) => last.absorb(op, detail),
+            None => false,
+        }
+    }
+
+    /// Record a change to object `ino` (node id, 0 if unknown). Never fails
+    /// the caller's operation (the change is already made): a failed write
+    /// is logged and shown in `status`.
     pub fn record(
         &self,
         who: Who,
         op: Op,
-        path: &[u8],
-        path2: Option<&[u8]>,
+        ino: u64,
+        path: Vec<u8>,
+        path2: Option<Vec<u8>>,
         detail: Option<String>,
     ) {
         let comm = self.comms.get(who.pid);
@@ -492,19 +613,22 @@ impl Inner {
             seq: 0,
             time_ns: now_ns(),
             op,
-            path: path.to_vec(),
-            path2: path2.map(|p| p.to_vec()),
+            path,
+            path2,
             uid: who.uid,
             gid: who.gid,
             pid: who.pid,
             comm,
             detail,
+            also: 0,
         };
-        self.enqueue(rec);
+        // A rename or link names a second object: nothing folds into it.
+        let ino = if rec.path2.is_some() { 0 } else { ino };
+        self.enqueue(rec, (ino, who));
     }
 
     /// Queue a record (its `seq` is assigned here); returns the seq.
-    fn enqueue(&self, mut rec: Record) -> u64 {
+    fn enqueue(&self, mut rec: Record, tail: (u64, Who)) -> u64 {
         let mut q = self.queue.lock();
         while q.recs.len() >= MAX_QUEUED {
             self.queue_cv.wait(&mut q);
@@ -512,6 +636,7 @@ impl Inner {
         q.assigned += 1;
         rec.seq = q.assigned;
         q.recs.push(rec);
+        q.tail = tail;
         // Only an idle writer needs waking; a busy one comes back for more.
         if q.recs.len() == 1 {
             self.queue_cv.notify_all();
@@ -521,7 +646,7 @@ impl Inner {
 
     /// Append a record and wait until it is written; returns its seq.
     pub fn append(&self, rec: Record) -> io::Result<u64> {
-        let seq = self.enqueue(rec);
+        let seq = self.enqueue(rec, (0, Who::default()));
         self.flush();
         self.wait_written(seq);
         if self.failed() {
@@ -649,7 +774,7 @@ impl Inner {
                 || q.since_ns.is_some_and(|t| r.time_ns < t)
                 || q.until_ns.is_some_and(|t| r.time_ns > t)
                 || q.uid.is_some_and(|u| r.uid != u)
-                || (!ops.is_empty() && !ops.contains(&r.op))
+                || (!ops.is_empty() && !ops.iter().any(|o| r.has_op(*o)))
                 || q.comm.as_ref().is_some_and(|c| c.as_bytes() != r.comm)
             {
                 return false;
@@ -796,6 +921,7 @@ mod tests {
             pid: 42,
             comm: b"vi".to_vec(),
             detail: None,
+            also: 0,
         }
     }
 
@@ -814,6 +940,77 @@ mod tests {
         let mut v2 = e.clone();
         v2[0] = 9;
         assert!(Record::decode(0, &v2).is_err());
+    }
+
+    #[test]
+    fn folded_record_is_v2_with_also_at_the_end() {
+        let mut r = rec(Op::Create, "a");
+        r.also = Op::Write.bit() | Op::Chmod.bit();
+        let e = r.encode();
+        assert_eq!(e[0], 2);
+        // bits 6 (write) and 12 (chmod), big-endian, after the v1 fields.
+        assert_eq!(&e[e.len() - 4..], &[0, 0, 0x10, 0x40]);
+        assert_eq!(Record::decode(0, &e).unwrap(), r);
+        assert!(Record::decode(0, &e[..e.len() - 2]).is_err());
+        assert_eq!(r.to_api().also, vec!["write", "chmod"]);
+    }
+
+    #[test]
+    fn consecutive_changes_to_one_object_by_one_author_fold() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(open_db(dir.path()).unwrap()).unwrap();
+        let me = Who {
+            uid: 0,
+            gid: 0,
+            pid: std::process::id(),
+        };
+        let other = Who { pid: 1, ..me };
+        let path = |p: &str| p.as_bytes().to_vec();
+        j.record(me, Op::Create, 7, path("d/f"), None, None);
+        assert!(j.fold_into_last(me, Op::Write, 7, Some("size 0 -> 5")));
+        assert!(j.fold_into_last(me, Op::Chmod, 7, Some("mode 0644")));
+        assert!(j.fold_into_last(me, Op::Write, 7, None));
+        // Another object, another process, a namespace change: no.
+        assert!(!j.fold_into_last(me, Op::Chmod, 8, None));
+        assert!(!j.fold_into_last(other, Op::Chmod, 7, None));
+        assert!(!j.fold_into_last(me, Op::Unlink, 7, None));
+        assert!(!j.fold_into_last(me, Op::Chmod, 0, None));
+        // A long detail starts a record of its own.
+        let long = "x".repeat(MAX_FOLDED_DETAIL);
+        assert!(!j.fold_into_last(me, Op::Setxattr, 7, Some(&long)));
+        j.record(me, Op::Rename, 7, path("d/f"), Some(path("d/g")), None);
+        assert!(!j.fold_into_last(me, Op::Chmod, 7, None));
+        j.record(
+            me,
+            Op::Chown,
+            7,
+            path("d/g"),
+            None,
+            Some("owner 0:0".into()),
+        );
+        j.flush();
+        // Written records take nothing more in.
+        assert!(!j.fold_into_last(me, Op::Chmod, 7, None));
+        let r = j.query(&JournalQuery::default()).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].op, Op::Create);
+        assert!(r[0].has_op(Op::Write) && r[0].has_op(Op::Chmod) && !r[0].has_op(Op::Chown));
+        assert_eq!(r[0].detail.as_deref(), Some("size 0 -> 5; mode 0644"));
+        assert_eq!((r[1].op, r[1].also), (Op::Rename, 0));
+        assert_eq!(r[2].op, Op::Chown);
+        // Queries by operation find folded ones.
+        let q = JournalQuery {
+            ops: vec!["chmod".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            j.query(&q)
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>(),
+            vec![1]
+        );
     }
 
     #[test]
@@ -886,7 +1083,14 @@ mod bench {
                 i / 50,
                 i % 50
             );
-            j.record(who, Op::Chmod, p.as_bytes(), None, Some("mode 0644".into()));
+            j.record(
+                who,
+                Op::Chmod,
+                0,
+                p.into_bytes(),
+                None,
+                Some("mode 0644".into()),
+            );
         }
         j.flush();
         let wall = t.elapsed();

@@ -278,7 +278,7 @@ fn remove(u: &Union, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
         if dir {
             u.forget_upper_dir(node.ino);
         }
-        drop_name(&node, parent, name);
+        drop_name(u, &node, parent, name);
         u.dir_changed(&pnode);
         Ok(())
     })();
@@ -287,7 +287,8 @@ fn remove(u: &Union, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
 }
 
 /// A name of `node` went away; the node stays while other names or kernel references remain.
-fn drop_name(node: &Node, parent: u64, name: &OsStr) {
+fn drop_name(u: &Union, node: &Node, parent: u64, name: &OsStr) {
+    let _bump = NamesChanged(u);
     let mut st = node.state.write();
     if st.parent == parent && st.name == name {
         if let Some((p, n)) = st.aliases.pop() {
@@ -491,7 +492,7 @@ fn rename_nodes(
         )?;
         mark_impure(u, p1)?;
         mark_impure(u, p2)?;
-        set_name(d, p2.ino, newname, p1.ino, name);
+        set_name(u, d, p2.ino, newname, p1.ino, name);
     } else {
         // What sits in the upper at the target: a whiteout or an empty merged
         // directory's leftovers must go first (rename cannot replace them).
@@ -528,7 +529,7 @@ fn rename_nodes(
         finish_rename(u, p1, name, p2, newname, src, dst)?;
         return Ok(());
     }
-    set_name(src, p1.ino, name, p2.ino, newname);
+    set_name(u, src, p1.ino, name, p2.ino, newname);
     u.dir_changed(p1);
     u.dir_changed(p2);
     Ok(())
@@ -544,12 +545,12 @@ fn finish_rename(
     dst: Option<&Node>,
 ) -> io::Result<()> {
     if let Some(d) = dst {
-        drop_name(d, p2.ino, newname);
+        drop_name(u, d, p2.ino, newname);
         if d.is_dir() {
             u.forget_upper_dir(d.ino);
         }
     }
-    set_name(src, p1.ino, name, p2.ino, newname);
+    set_name(u, src, p1.ino, name, p2.ino, newname);
     // The moved entry keeps an inode number from elsewhere.
     if p1.ino != p2.ino || src.is_dir() {
         mark_impure(u, p2)?;
@@ -559,7 +560,8 @@ fn finish_rename(
     Ok(())
 }
 
-fn set_name(node: &Node, from_parent: u64, from: &OsStr, to_parent: u64, to: &OsStr) {
+fn set_name(u: &Union, node: &Node, from_parent: u64, from: &OsStr, to_parent: u64, to: &OsStr) {
+    let _bump = NamesChanged(u);
     let mut st = node.state.write();
     if st.parent == from_parent && st.name == from {
         st.parent = to_parent;
@@ -595,4 +597,14 @@ fn clear_whiteouts(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bumps the namespace generation when dropped, i.e. after the name change
+/// and its lock are done.
+struct NamesChanged<'a>(&'a Union);
+
+impl Drop for NamesChanged<'_> {
+    fn drop(&mut self) {
+        self.0.inodes.names_changed();
+    }
 }

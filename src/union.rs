@@ -442,22 +442,60 @@ impl Union {
         self.listings.invalidate(dir.ino);
     }
 
-    /// Union path of a node ("" for the root, no leading '/'), from the
-    /// names the inode table knows; None if it has no name any more.
+    /// Union path of `ino` (without the leading '/'); None once unlinked.
     pub fn path_of(&self, ino: u64) -> Option<Vec<u8>> {
-        let mut parts: Vec<OsString> = Vec::new();
+        if ino == ROOT_INO {
+            return Some(Vec::new());
+        }
+        let gen = self.inodes.names_gen();
+        let (parent, name) = {
+            let n = self.inodes.get(ino)?;
+            let st = n.state.read();
+            if st.unlinked {
+                return None;
+            }
+            (st.parent, st.name.clone())
+        };
+        let mut p = self.dir_path(parent, gen)?;
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(name.as_bytes());
+        Some(p)
+    }
+
+    /// Union path of `name` in directory `parent`.
+    pub fn path_in(&self, parent: u64, name: &OsStr) -> Option<Vec<u8>> {
+        let mut p = self.dir_path(parent, self.inodes.names_gen())?;
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(name.as_bytes());
+        Some(p)
+    }
+
+    /// Path of directory `dir`, from this thread's small cache when no name
+    /// changed since (`gen`, read before the walk): every journaled change
+    /// needs its parent's path, and changes come in runs per directory.
+    fn dir_path(&self, dir: u64, gen: u64) -> Option<Vec<u8>> {
+        if let Some(p) = DIR_PATHS.with(|c| c.borrow().get(gen, dir)) {
+            return Some(p);
+        }
+        let p = self.walk_path(dir)?;
+        DIR_PATHS.with(|c| c.borrow_mut().put(gen, dir, &p));
+        Some(p)
+    }
+
+    /// Path of `ino` by walking up the parents.
+    fn walk_path(&self, ino: u64) -> Option<Vec<u8>> {
+        // Built leaf to root with every byte reversed, then reversed once:
+        // one allocation, however deep.
+        let mut out = Vec::with_capacity(64);
         let mut cur = ino;
         // Bounded: a cycle would be a bug, never a hang.
         for _ in 0..4096 {
             if cur == ROOT_INO {
-                parts.reverse();
-                let mut out = Vec::new();
-                for (i, p) in parts.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b'/');
-                    }
-                    out.extend_from_slice(p.as_bytes());
-                }
+                out.reverse();
                 return Some(out);
             }
             let n = self.inodes.get(cur)?;
@@ -465,20 +503,13 @@ impl Union {
             if st.unlinked {
                 return None;
             }
-            parts.push(st.name.clone());
+            if !out.is_empty() {
+                out.push(b'/');
+            }
+            out.extend(st.name.as_bytes().iter().rev());
             cur = st.parent;
         }
         None
-    }
-
-    /// Union path of `name` in directory `parent`.
-    pub fn path_in(&self, parent: u64, name: &OsStr) -> Option<Vec<u8>> {
-        let mut p = self.path_of(parent)?;
-        if !p.is_empty() {
-            p.push(b'/');
-        }
-        p.extend_from_slice(name.as_bytes());
-        Some(p)
     }
 
     /// The upper changed underneath the union (rollback, restore) at
@@ -542,6 +573,8 @@ impl Union {
                     .push((*pino, OsStr::from_bytes(name).to_os_string()));
             }
         }
+        // Nodes went stale above: paths cached before are not to be trusted.
+        self.inodes.names_changed();
         out
     }
 }
@@ -551,4 +584,35 @@ impl Union {
 pub struct Revalidated {
     pub entries: Vec<(u64, OsString)>,
     pub inodes: Vec<u64>,
+}
+
+/// A few directory paths per thread, valid for one namespace generation.
+struct DirPaths {
+    slots: [(u64, u64, Vec<u8>); 4],
+    next: usize,
+}
+
+impl DirPaths {
+    fn get(&self, gen: u64, dir: u64) -> Option<Vec<u8>> {
+        self.slots
+            .iter()
+            .find(|(g, d, _)| *g == gen && *d == dir && *d != 0)
+            .map(|(_, _, p)| p.clone())
+    }
+
+    fn put(&mut self, gen: u64, dir: u64, path: &[u8]) {
+        let slot = &mut self.slots[self.next];
+        slot.0 = gen;
+        slot.1 = dir;
+        slot.2.clear();
+        slot.2.extend_from_slice(path);
+        self.next = (self.next + 1) % self.slots.len();
+    }
+}
+
+thread_local! {
+    static DIR_PATHS: std::cell::RefCell<DirPaths> = std::cell::RefCell::new(DirPaths {
+        slots: Default::default(),
+        next: 0,
+    });
 }

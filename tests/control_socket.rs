@@ -75,6 +75,7 @@ fn record(seq: u64) -> JournalRecord {
         pid: 4321,
         comm: "vim".into(),
         detail: (seq % 2 == 0).then(|| "0+120".into()),
+        also: Vec::new(),
     }
 }
 

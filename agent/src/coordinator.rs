@@ -1525,6 +1525,7 @@ mod tests {
             pid: 42,
             comm: "touch".into(),
             detail: None,
+            also: Vec::new(),
         }
     }
 

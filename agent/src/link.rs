@@ -830,6 +830,7 @@ mod tests {
             pid: 7,
             comm: "fake".into(),
             detail: None,
+            also: Vec::new(),
         }
     }
 

@@ -410,6 +410,7 @@ mod tests {
             pid: 42,
             comm: "touch".into(),
             detail: None,
+            also: Vec::new(),
         }
     }
 

@@ -225,6 +225,10 @@ pub struct JournalRecord {
     /// Op details: write ranges/sizes, modes, xattr names, checkpoint names.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub detail: Option<String>,
+    /// Later changes to the same object by the same process folded into this
+    /// record (for example a created file's write, chown, chmod and utimes).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub also: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -171,7 +171,7 @@ pub fn render_log(records: &[JournalRecord]) -> String {
         t.row(vec![
             r.seq.to_string(),
             fmt_time(r.time_ns),
-            clean(&r.op),
+            record_ops(r),
             record_path(r),
             r.uid.to_string(),
             r.pid.to_string(),
@@ -180,6 +180,16 @@ pub fn render_log(records: &[JournalRecord]) -> String {
         ]);
     }
     t.render()
+}
+
+/// "create" or, with changes folded in, "create+write+chmod".
+pub fn record_ops(r: &JournalRecord) -> String {
+    let mut s = clean(&r.op);
+    for o in &r.also {
+        s.push('+');
+        s.push_str(&clean(o));
+    }
+    s
 }
 
 /// "path" or "path -> path2" (rename, link).
@@ -196,7 +206,7 @@ pub fn follow_line(r: &JournalRecord) -> String {
         "{:>8}  {}  {:<11}  {}  uid={} pid={} comm={}",
         r.seq,
         fmt_time(r.time_ns),
-        clean(&r.op),
+        record_ops(r),
         record_path(r),
         r.uid,
         r.pid,
