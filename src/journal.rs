@@ -955,15 +955,25 @@ mod tests {
         assert_eq!(r.to_api().also, vec!["write", "chmod"]);
     }
 
-    #[test]
-    fn consecutive_changes_to_one_object_by_one_author_fold() {
+    /// A journal in a temporary directory (kept while the guard lives).
+    pub(super) fn scratch_journal() -> (tempfile::TempDir, Arc<Journal>) {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::new(open_db(dir.path()).unwrap()).unwrap();
-        let me = Who {
+        (dir, j)
+    }
+
+    pub(super) fn this_process() -> Who {
+        Who {
             uid: 0,
             gid: 0,
             pid: std::process::id(),
-        };
+        }
+    }
+
+    #[test]
+    fn consecutive_changes_to_one_object_by_one_author_fold() {
+        let (_dir, j) = scratch_journal();
+        let me = this_process();
         let other = Who { pid: 1, ..me };
         let path = |p: &str| p.as_bytes().to_vec();
         j.record(me, Op::Create, 7, path("d/f"), None, None);
@@ -1067,13 +1077,8 @@ mod bench {
     #[test]
     #[ignore]
     fn record_cost() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::new(open_db(dir.path()).unwrap()).unwrap();
-        let who = Who {
-            uid: 0,
-            gid: 0,
-            pid: std::process::id(),
-        };
+        let (_dir, j) = tests::scratch_journal();
+        let who = tests::this_process();
         let n = 200_000;
         let t = std::time::Instant::now();
         let cpu0 = cpu_ns();
