@@ -637,8 +637,9 @@ impl Inner {
         rec.seq = q.assigned;
         q.recs.push(rec);
         q.tail = tail;
-        // Only an idle writer needs waking; a busy one comes back for more.
-        if q.recs.len() == 1 {
+        // Only an idle writer needs waking (a busy one comes back for more),
+        // and a gathering one once a batch is full.
+        if q.recs.len() == 1 || q.recs.len() == BATCH {
             self.queue_cv.notify_all();
         }
         q.assigned
@@ -869,10 +870,11 @@ impl Inner {
     }
 }
 
+/// Most records per database write; a full batch is written without waiting.
+const BATCH: usize = 4096;
+
 /// The writer thread: drains the queue in batches until the journal is dropped.
 fn writer(j: &Inner) {
-    /// Most records per database write.
-    const BATCH: usize = 4096;
     loop {
         let batch = {
             let mut q = j.queue.lock();
@@ -882,7 +884,9 @@ fn writer(j: &Inner) {
                 }
                 j.queue_cv.wait(&mut q);
             }
-            if !q.flush_wanted && !j.stop.load(Ordering::Acquire) {
+            // Let records gather, unless someone waits or a batch is full
+            // (then the delay would only cap the rate).
+            if !q.flush_wanted && q.recs.len() < BATCH && !j.stop.load(Ordering::Acquire) {
                 j.queue_cv.wait_for(&mut q, GROUP_DELAY);
             }
             q.flush_wanted = false;
