@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod common;
+use common::{is_mounted, wait_for};
+
 const LAYERD: &str = env!("CARGO_BIN_EXE_layerd");
 const LAYERFS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/layerfs");
 const NOBODY: u32 = 65534;
@@ -163,21 +166,6 @@ fn request_as(uid: u32, sock: &Path, method: &str, path: &str, body: Option<&str
 
 // ---- Fixture: a layerfs mount and a layerd -------------------------------------
 
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(20));
-    }
-}
-
-fn is_mounted(p: &Path) -> bool {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let want = p.to_string_lossy().to_string();
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-}
-
 struct Env {
     tmp: tempfile::TempDir,
     mnt: PathBuf,
@@ -321,35 +309,7 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.stop_layerd();
-        for _ in 0..50 {
-            if !is_mounted(&self.mnt) {
-                break;
-            }
-            if Command::new("umount")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-            {
-                break;
-            }
-            sleep(Duration::from_millis(100));
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        if let Some(mut c) = self.layerfs.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !matches!(c.try_wait(), Ok(Some(_))) {
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                sleep(Duration::from_millis(20));
-            }
-        }
+        common::unmount(&self.mnt, self.layerfs.take());
     }
 }
 

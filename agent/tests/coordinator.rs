@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use layerfs::control::client::Client;
 use layerfs::control::proto::Op;
+
+mod common;
+use common::is_mounted;
 use serde_json::{json, Value};
 
 const LAYERFS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/layerfs");
@@ -62,13 +65,6 @@ fn write_secret(p: &Path, text: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(p, text).unwrap();
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-fn is_mounted(p: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let want = p.to_string_lossy().to_string();
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 // ---- A mounted layerfs ----------------------------------------------------------
@@ -131,30 +127,7 @@ impl Mount {
     }
 
     fn unmount(&mut self) {
-        for _ in 0..50 {
-            if !is_mounted(&self.mnt)
-                || Command::new("umount")
-                    .arg(&self.mnt)
-                    .stderr(Stdio::null())
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false)
-            {
-                break;
-            }
-            sleep(Duration::from_millis(100));
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        if let Some(mut c) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        common::unmount(&self.mnt, self.child.take());
     }
 
     fn journal_seq(&self) -> u64 {

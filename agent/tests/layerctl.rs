@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use layerfs_agent::http_client::{self, HttpError};
 use serde_json::{json, Value};
 
+mod common;
+use common::{is_mounted, wait_for};
+
 const LAYERCTL: &str = env!("CARGO_BIN_EXE_layerctl");
 const LAYERD: &str = env!("CARGO_BIN_EXE_layerd");
 const LAYERFS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/layerfs");
@@ -578,22 +581,6 @@ struct Env {
     layerd: Option<Child>,
 }
 
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50));
-    }
-}
-
-fn is_mounted(p: &Path) -> bool {
-    let s = p.to_string_lossy().to_string();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(s.as_str()))
-}
-
 impl Env {
     fn start() -> Env {
         assert!(
@@ -732,48 +719,14 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some(mut d) = self.layerd.take() {
+        if let Some(d) = self.layerd.take() {
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(d.id().to_string())
                 .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !matches!(d.try_wait(), Ok(Some(_))) {
-                if Instant::now() > deadline {
-                    let _ = d.kill();
-                    let _ = d.wait();
-                    break;
-                }
-                sleep(Duration::from_millis(20));
-            }
+            common::reap(d, Duration::from_secs(10));
         }
-        for _ in 0..50 {
-            if !is_mounted(&self.mnt) {
-                break;
-            }
-            let ok = Command::new("umount")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                sleep(Duration::from_millis(100));
-            }
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        if let Some(mut c) = self.layerfs.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !matches!(c.try_wait(), Ok(Some(_))) {
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                sleep(Duration::from_millis(20));
-            }
-        }
+        common::unmount(&self.mnt, self.layerfs.take());
     }
 }
 
