@@ -1513,21 +1513,7 @@ async fn accepted<T>(res: std::io::Result<T>, what: &str) -> Option<T> {
 mod tests {
     use super::*;
 
-    fn rec(seq: u64) -> JournalRecord {
-        JournalRecord {
-            seq,
-            time_ns: 1_700_000_000_000_000_000 + seq as i64,
-            op: "create".into(),
-            path: format!("/f{seq}"),
-            path2: None,
-            uid: 0,
-            gid: 0,
-            pid: 42,
-            comm: "touch".into(),
-            detail: None,
-            also: Vec::new(),
-        }
-    }
+    use crate::wire::tests::rec;
 
     fn seqs(l: &MountLog) -> Vec<u64> {
         l.read(0, u64::MAX).unwrap().iter().map(|r| r.seq).collect()

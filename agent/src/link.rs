@@ -818,21 +818,7 @@ mod tests {
         me: std::sync::Weak<FakeAgent>,
     }
 
-    fn rec(seq: u64) -> JournalRecord {
-        JournalRecord {
-            seq,
-            time_ns: seq as i64,
-            op: "create".into(),
-            path: format!("/f{seq}"),
-            path2: None,
-            uid: 0,
-            gid: 0,
-            pid: 7,
-            comm: "fake".into(),
-            detail: None,
-            also: Vec::new(),
-        }
-    }
+    use crate::wire::tests::rec;
 
     impl FakeAgent {
         fn append(&self, n: u64) {

@@ -395,10 +395,11 @@ pub fn read_token_file(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rec(seq: u64) -> JournalRecord {
+    /// A journal record for tests (also used by the coordinator's and the link's).
+    pub(crate) fn rec(seq: u64) -> JournalRecord {
         JournalRecord {
             seq,
             time_ns: 1_700_000_000_000_000_000 + seq as i64,
