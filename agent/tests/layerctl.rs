@@ -67,10 +67,20 @@ impl Fake {
 
     /// One connection answered with `raw` in one write.
     fn answer(raw: &str) -> Fake {
-        let raw = raw.as_bytes().to_vec();
-        Fake::start(vec![Box::new(move |s: &mut UnixStream| {
-            let _ = s.write_all(&raw);
-        })])
+        Fake::answers(vec![raw.to_string()])
+    }
+
+    /// One connection per raw response, in order.
+    fn answers(raws: Vec<String>) -> Fake {
+        Fake::start(
+            raws.into_iter()
+                .map(|r| -> Script {
+                    Box::new(move |s: &mut UnixStream| {
+                        let _ = s.write_all(r.as_bytes());
+                    })
+                })
+                .collect(),
+        )
     }
 
     fn ctl(&self, args: &[&str]) -> (i32, String, String) {
@@ -402,7 +412,7 @@ fn requests_and_rendering() {
     let records = json!([record(1, "/etc/hosts")]);
     let verify = json!({"objects": 3, "bytes": 10, "problems": [
         {"checkpoint": "nightly", "path": "/etc/hosts", "object": "cdcd", "problem": "corrupt"}]});
-    let scripts: Vec<Script> = [
+    let scripts = vec![
         json_response("200 OK", &list),
         json_response("201 Created", &created),
         json_response("200 OK", &records),
@@ -413,15 +423,8 @@ fn requests_and_rendering() {
             &json!({"deleted": ["old"], "kept": ["new"], "freed_bytes": 2048}),
         ),
         json_response("200 OK", &json!([])),
-    ]
-    .into_iter()
-    .map(|r| -> Script {
-        Box::new(move |s: &mut UnixStream| {
-            let _ = s.write_all(r.as_bytes());
-        })
-    })
-    .collect();
-    let fake = Fake::start(scripts);
+    ];
+    let fake = Fake::answers(scripts);
 
     let (code, out, err) = fake.ctl(&["checkpoint", "list"]);
     assert_eq!(code, 0, "{err}");
@@ -950,15 +953,7 @@ fn follow_stream_cut_or_ended() {
     let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
     let cut = format!("{head}{:x}\r\n{line}\r\n", line.len());
     let ended = format!("{cut}0\r\n\r\n");
-    let scripts: Vec<Script> = [cut, ended]
-        .into_iter()
-        .map(|r| -> Script {
-            Box::new(move |s: &mut UnixStream| {
-                let _ = s.write_all(r.as_bytes());
-            })
-        })
-        .collect();
-    let fake = Fake::start(scripts);
+    let fake = Fake::answers(vec![cut, ended]);
     let (code, out, err) = fake.ctl(&["--json", "follow", "--from-seq", "3"]);
     assert_eq!(code, 3, "{err}");
     assert_eq!(out, line);
