@@ -426,8 +426,13 @@ impl std::ops::Deref for Journal {
 impl Drop for Journal {
     /// Write what is queued, stop the writer, then the database may close.
     fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::Release);
-        self.inner.queue_cv.notify_all();
+        {
+            // Under the queue's lock: the writer checks `stop` under it just
+            // before it waits, so the wake-up cannot fall in between.
+            let _q = self.inner.queue.lock();
+            self.inner.stop.store(true, Ordering::Release);
+            self.inner.queue_cv.notify_all();
+        }
         if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
         }
