@@ -8,7 +8,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -184,12 +184,7 @@ impl Env {
             Path::new(LAYERFS).exists(),
             "{LAYERFS} is missing: run `cargo build --release --workspace` first"
         );
-        let tmp = tempfile::Builder::new()
-            .prefix("lfapi")
-            .tempdir_in("/tmp")
-            .unwrap();
-        // Other uids must reach the socket inside.
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let tmp = common::shared_tempdir("lfapi");
         let root = tmp.path().to_path_buf();
         for d in ["lower/etc", "lower/docs", "upper", "work", "mnt", "run"] {
             fs::create_dir_all(root.join(d)).unwrap();

@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -590,12 +589,7 @@ impl Env {
             Path::new(LAYERFS).exists(),
             "{LAYERFS} is missing: run `cargo build --release -p layerfs` first"
         );
-        let tmp = tempfile::Builder::new()
-            .prefix("lctl-e2e")
-            .tempdir_in("/tmp")
-            .unwrap();
-        // uid 65534 must reach layerd's socket inside.
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let tmp = common::shared_tempdir("lctl-e2e");
         let root = tmp.path().to_path_buf();
         for d in ["l1/etc", "u", "w", "m", "state"] {
             fs::create_dir_all(root.join(d)).unwrap();
