@@ -10,17 +10,30 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
-use fuser::BackingId;
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
+use crate::sys;
+
 /// A backing file registered with the kernel, and which real file it is.
+/// Unregistered when the last handle using it is released.
 pub struct Backing {
-    pub id: BackingId,
+    pub id: u32,
     pub key: (u64, u64),
+    dev: Arc<OwnedFd>,
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        if let Err(e) = sys::backing_close(self.dev.as_fd(), self.id) {
+            // ENOTCONN/ENODEV after unmount: the kernel dropped it already.
+            tracing::debug!(err = %e, id = self.id, "cannot close a backing file");
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -39,6 +52,8 @@ struct InodeIo {
 pub struct IoModes {
     enabled: AtomicBool,
     inodes: Mutex<HashMap<u64, InodeIo>>,
+    /// The FUSE connection backing files are registered on (set once mounted).
+    dev: OnceLock<Arc<OwnedFd>>,
 }
 
 impl IoModes {
@@ -46,7 +61,13 @@ impl IoModes {
         IoModes {
             enabled: AtomicBool::new(enabled),
             inodes: Mutex::new(HashMap::new()),
+            dev: OnceLock::new(),
         }
+    }
+
+    /// The mounted connection's `/dev/fuse` descriptor.
+    pub fn set_device(&self, dev: Arc<OwnedFd>) {
+        let _ = self.dev.set(dev);
     }
 
     pub fn enabled(&self) -> bool {
@@ -61,7 +82,8 @@ impl IoModes {
 
     /// Choose the mode of a new open of inode `ino` whose real file is `key`.
     /// `eligible`: worth a passthrough backing file (see `fs.rs`); `direct`:
-    /// the caller asked for O_DIRECT. `open_backing` registers the file.
+    /// the caller asked for O_DIRECT. `file` is registered as the backing
+    /// file when passthrough is chosen.
     ///
     /// The kernel accepts, while an inode has a backing file, only
     /// passthrough opens of that same file (anything else fails with EIO).
@@ -74,7 +96,7 @@ impl IoModes {
         key: (u64, u64),
         eligible: bool,
         direct: bool,
-        open_backing: impl FnOnce() -> io::Result<BackingId>,
+        file: BorrowedFd<'_>,
     ) -> io::Result<IoMode> {
         let mut map = self.inodes.lock();
         let st = map.entry(ino).or_default();
@@ -92,10 +114,15 @@ impl IoModes {
         if direct {
             return Ok(IoMode::Direct);
         }
-        if eligible && self.enabled() && st.cached == 0 {
-            match open_backing() {
+        let dev = self.dev.get().filter(|_| eligible && self.enabled());
+        if let (Some(dev), 0) = (dev, st.cached) {
+            match sys::backing_open(dev.as_fd(), file) {
                 Ok(id) => {
-                    let b = Arc::new(Backing { id, key });
+                    let b = Arc::new(Backing {
+                        id,
+                        key,
+                        dev: dev.clone(),
+                    });
                     st.backing = Arc::downgrade(&b);
                     return Ok(IoMode::Passthrough(b));
                 }

@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use fuser::{Config, MountOption, SessionACL};
@@ -12,6 +13,8 @@ use tracing::{error, info, warn};
 
 use crate::cache::CachePolicy;
 use crate::fs::LayerFs;
+use crate::fuse_dev::DevFs;
+use crate::fuse_ring;
 use crate::layers::Layers;
 use crate::options::MountOptions;
 use crate::sys;
@@ -27,9 +30,12 @@ pub struct MountRequest {
 fn preflight(req: &MountRequest) -> Result<()> {
     let mp = &req.mountpoint;
     // A previous daemon that died (kill -9, crash) leaves a dead mount
-    // (ENOTCONN): clear it, and any stacked below it.
+    // (ENOTCONN): clear it, and any stacked below it. Right after the death
+    // a request may still end with ECONNABORTED while the kernel tears the
+    // connection down (io_uring queues are released asynchronously).
+    let dead = |e| matches!(e, Some(libc::ENOTCONN) | Some(libc::ECONNABORTED));
     let mut cleared = 0;
-    while sys::statfs_errno(mp) == Some(libc::ENOTCONN) && cleared < 16 {
+    while dead(sys::statfs_errno(mp)) && cleared < 16 {
         warn!(mountpoint = %mp.display(), "clearing a dead FUSE mount left by a previous daemon");
         sys::umount_detach(mp)
             .with_context(|| format!("cannot clear the dead mount at {}", mp.display()))?;
@@ -182,12 +188,12 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
         } else {
             Some(open_journal(&req.options)?)
         };
-        let fs = LayerFs::new(
+        let fs = Arc::new(LayerFs::new(
             union.clone(),
             CachePolicy::default(),
             req.options.passthrough,
             journal.clone(),
-        );
+        ));
         let history = match &journal {
             Some(j) => Some(open_history(
                 &req,
@@ -197,7 +203,13 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
             )?),
             None => None,
         };
-        let session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| {
+        let negotiated = Arc::new(fuse_ring::Negotiated::default());
+        let devfs = DevFs {
+            fs: fs.clone(),
+            want_uring: fuse_ring::prepare(req.options.uring),
+            uring: negotiated.clone(),
+        };
+        let session = fuser::Session::new(devfs, &req.mountpoint, &config).map_err(|e| {
             anyhow!(
                 "cannot mount on '{}': {e}{}",
                 req.mountpoint.display(),
@@ -231,9 +243,30 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
             }
             None => None,
         };
-        Ok::<_, anyhow::Error>((session, server))
+        // Our own descriptor of the connection: backing-file ioctls and
+        // the io_uring queues use it.
+        let dev = Arc::new(
+            std::os::fd::AsFd::as_fd(&session)
+                .try_clone_to_owned()
+                .context("cannot duplicate the /dev/fuse descriptor")?,
+        );
+        fs.io().set_device(dev.clone());
+        // The queues can start only after INIT, which the session answers.
+        let rings = std::thread::Builder::new()
+            .name("ring-start".into())
+            .spawn(move || match negotiated.wait(Duration::from_secs(30)) {
+                Some(true) => match fuse_ring::start(fs, dev) {
+                    Ok(q) => Some(q),
+                    Err(e) => {
+                        warn!(err = %e, "cannot start the io_uring queues; using /dev/fuse");
+                        None
+                    }
+                },
+                _ => None,
+            })?;
+        Ok::<_, anyhow::Error>((session, server, rings))
     })();
-    let (mut session, _server) = match result {
+    let (mut session, _server, rings) = match result {
         Ok(s) => s,
         Err(e) => {
             report(&mut ready, &format!("{e:#}"));
@@ -267,7 +300,11 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
         report(&mut ready, "ok");
     }
     notify_systemd();
-    session.run().context("FUSE session ended with an error")?;
+    let ran = session.run();
+    if let Ok(Some(q)) = rings.join() {
+        q.join();
+    }
+    ran.context("FUSE session ended with an error")?;
     info!("layerfs unmounted");
     Ok(())
 }

@@ -56,6 +56,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// Use kernel FUSE passthrough for file data when the kernel supports it.
     pub passthrough: bool,
+    /// Serve requests through per-CPU io_uring queues (Linux 6.14+).
+    pub uring: crate::fuse_ring::Mode,
     /// Kernel overlayfs's `volatile`: copy-ups are not synced to disk (faster;
     /// after a power loss a copied-up file may be incomplete).
     pub volatile: bool,
@@ -170,6 +172,7 @@ impl MountOptions {
         let mut fsname = None;
         let mut threads = 0usize;
         let mut passthrough = true;
+        let mut uring = crate::fuse_ring::Mode::Auto;
         let mut volatile = false;
         let mut statedir = None;
         let mut journal = true;
@@ -235,6 +238,22 @@ impl MountOptions {
                         }
                     }
                     "passthrough" => passthrough = on_off(&name, &need(&value)?)?,
+                    "uring" => {
+                        use crate::fuse_ring::Mode;
+                        let v = need(&value)?;
+                        uring = match v.as_str() {
+                            "auto" => Mode::Auto,
+                            "on" => Mode::On,
+                            "off" => Mode::Off,
+                            _ => {
+                                return Err(OptionError::BadValue {
+                                    name,
+                                    value: v,
+                                    accepted: "auto, on, off",
+                                })
+                            }
+                        };
+                    }
                     "volatile" => volatile = true,
                     "checkpoint_every" => {
                         let v = need(&value)?;
@@ -345,6 +364,7 @@ impl MountOptions {
             fsname,
             threads,
             passthrough,
+            uring,
             volatile,
             journal,
             checkpoint_every,
@@ -443,6 +463,12 @@ mod tests {
             Err(OptionError::MissingValue("lowerdir".into()))
         );
         assert!(MountOptions::parse(&["lowerdir=/a,threads=0"]).is_err());
+        assert!(matches!(
+            MountOptions::parse(&["lowerdir=/a,uring=fast"]),
+            Err(OptionError::BadValue { .. })
+        ));
+        let o = MountOptions::parse(&["lowerdir=/a,uring=on"]).unwrap();
+        assert_eq!(o.uring, crate::fuse_ring::Mode::On);
         assert!(MountOptions::parse(&["lowerdir=/a,metacopy=on"]).is_err());
         assert!(MountOptions::parse(&["lowerdir=/a,lowerdir=/b"]).is_err());
     }

@@ -12,6 +12,8 @@ use std::os::unix::ffi::OsStrExt;
 
 pub use libc::stat as Stat;
 
+pub mod uring;
+
 fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
@@ -837,4 +839,36 @@ pub fn inherited_unix_listener(fd: RawFd) -> io::Result<std::os::unix::net::Unix
         ));
     }
     Ok(std::os::unix::net::UnixListener::from(owned))
+}
+
+/// `struct fuse_backing_map` of `FUSE_DEV_IOC_BACKING_OPEN`.
+#[repr(C)]
+struct BackingMap {
+    fd: i32,
+    flags: u32,
+    padding: u64,
+}
+
+// _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, u32): the generic
+// ioctl encoding, the same on x86_64 and s390x.
+const FUSE_DEV_IOC_BACKING_OPEN: libc::c_ulong = 0x4010_e501;
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+
+/// Register `file` as a passthrough backing file on the FUSE connection
+/// `dev`; returns the kernel's backing id.
+pub fn backing_open(dev: BorrowedFd<'_>, file: BorrowedFd<'_>) -> io::Result<u32> {
+    let map = BackingMap {
+        fd: file.as_raw_fd(),
+        flags: 0,
+        padding: 0,
+    };
+    // SAFETY: the ioctl reads `map`, which outlives the call.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN as _, &map) };
+    check(r).map(|id| id as u32)
+}
+
+pub fn backing_close(dev: BorrowedFd<'_>, id: u32) -> io::Result<()> {
+    // SAFETY: the ioctl reads one u32, which outlives the call.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE as _, &id) };
+    check(r).map(|_| ())
 }

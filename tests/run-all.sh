@@ -44,8 +44,12 @@ step "build (release)"
 cargo build --release --workspace --locked
 done_step
 
-step "unit and integration tests (real FUSE mounts)"
-cargo test --release --workspace --locked -- --test-threads=4
+step "unit and integration tests (real FUSE mounts, requests through /dev/fuse)"
+LAYERFS_TEST_OPTS=uring=off cargo test --release --workspace --locked -- --test-threads=4
+done_step
+
+step "integration tests again, requests through per-CPU io_uring queues (uring=on)"
+LAYERFS_TEST_OPTS=uring=on cargo test --release -p layerfs --locked --test '*' -- --test-threads=4
 done_step
 
 [ "${QUICK:-0}" = 1 ] && { echo "QUICK=1: stopping before pjdfstest, fsx, packaging"; exit 0; }
@@ -56,29 +60,32 @@ command -v pjdfstest >/dev/null || cargo install --locked pjdfstest
 command -v fsx >/dev/null || cargo install --locked fsx
 done_step
 
-step "pjdfstest: layerfs and kernel overlayfs over the same layout"
-out=$(LAYERFS="$root/target/release/layerfs" tests/conformance/pjdfstest.sh layerfs overlay)
+step "pjdfstest: layerfs (both transports) and kernel overlayfs over the same layout"
+out=$(LAYERFS="$root/target/release/layerfs" tests/conformance/pjdfstest.sh layerfs layerfs-uring overlay)
 echo "$out"
 # The bar: every case that passes on kernel overlayfs passes on layerfs.
 P=/tmp/lf-pjdfstest
 grep -E ' ok$' "$P/overlay.log" | awk '{print $1}' | sort > "$P/overlay.ok"
-grep -E ' ok$' "$P/layerfs.log" | awk '{print $1}' | sort > "$P/layerfs.ok"
-regress=$(comm -23 "$P/overlay.ok" "$P/layerfs.ok")
-if [ -n "$regress" ]; then
-  echo "FAIL: cases passing on kernel overlayfs but not on layerfs:"; echo "$regress"
-  grep -A6 -F "$(head -1 <<<"$regress")" "$P/layerfs.log" || true
-  exit 1
-fi
-grep -q 'RESULT layerfs .*failed=0 ' <<<"$out" || { echo "FAIL: layerfs has pjdfstest failures"; cat "$P/layerfs.failed"; exit 1; }
+for be in layerfs layerfs-uring; do
+  grep -E ' ok$' "$P/$be.log" | awk '{print $1}' | sort > "$P/$be.ok"
+  regress=$(comm -23 "$P/overlay.ok" "$P/$be.ok")
+  if [ -n "$regress" ]; then
+    echo "FAIL: cases passing on kernel overlayfs but not on $be:"; echo "$regress"
+    grep -A6 -F "$(head -1 <<<"$regress")" "$P/$be.log" || true
+    exit 1
+  fi
+  grep -q "RESULT $be .*failed=0 " <<<"$out" || { echo "FAIL: $be has pjdfstest failures"; cat "$P/$be.failed"; exit 1; }
+done
 done_step
 
-step "fsx: 100,000 operations on a file that starts in a lower layer"
+for uring in off on; do
+step "fsx: 100,000 operations on a file that starts in a lower layer (uring=$uring)"
 F=/tmp/lf-fsx
 umount -l "$F/m" 2>/dev/null || true; umount -l "$F" 2>/dev/null || true
 mkdir -p "$F" && mount -t tmpfs -o size=2G tmpfs "$F"
 mkdir -p "$F"/{l1,l2,u,w,m}
 head -c 262144 /dev/urandom > "$F/l2/fsxfile"
-"$root/target/release/layerfs" -o "lowerdir=$F/l1:$F/l2,upperdir=$F/u,workdir=$F/w" "$F/m"
+"$root/target/release/layerfs" -o "lowerdir=$F/l1:$F/l2,upperdir=$F/u,workdir=$F/w,uring=$uring" "$F/m"
 (cd "$F" && fsx -N 100000 -S 1 -P "$F" "$F/m/fsxfile") > /tmp/lf-fsx.log 2>&1 || { tail -40 /tmp/lf-fsx.log; umount -l "$F/m"; exit 1; }
 tail -1 /tmp/lf-fsx.log
 umount "$F/m"
@@ -86,6 +93,7 @@ umount "$F/m"
 for _ in $(seq 100); do umount "$F" 2>/dev/null && break; sleep 0.1; done
 mountpoint -q "$F" && umount -l "$F"
 done_step
+done
 
 step "packages, systemd units, IBM Z big-endian tests"
 bash packaging/ci-packages.sh

@@ -82,7 +82,18 @@ impl Fixture {
         self.mount_with(&self.opts());
     }
 
+    /// `LAYERFS_TEST_OPTS` (e.g. `uring=on`) is appended to every layerfs
+    /// mount: CI runs the suite once per transport.
     pub fn mount_with(&mut self, opts: &str) {
+        let opts = match std::env::var("LAYERFS_TEST_OPTS") {
+            Ok(extra) if !extra.is_empty() => format!("{opts},{extra}"),
+            _ => opts.to_string(),
+        };
+        self.mount_exact(&opts);
+    }
+
+    /// Mount with exactly these options (no `LAYERFS_TEST_OPTS`).
+    pub fn mount_exact(&mut self, opts: &str) {
         let child = Command::new(BIN)
             .arg("-f")
             .arg("-o")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run pjdfstest inside a union whose test directory has entries in two lower
 # layers and in the upper, for each backend named on the command line:
-#   layerfs | overlay (kernel overlayfs) | fuse-overlayfs | ext4 (plain directory)
+#   layerfs (requests through /dev/fuse) | layerfs-uring (through io_uring
+#   queues) | overlay (kernel overlayfs) | fuse-overlayfs | ext4 (plain directory)
 # Usage: tests/conformance/pjdfstest.sh [BACKEND...]   (default: layerfs overlay)
 # Needs: root, pjdfstest (cargo install pjdfstest), layerfs built (LAYERFS=path).
 # Prints one "RESULT backend passed failed skipped total" line per backend and
@@ -60,8 +61,9 @@ run_one() {
     fuse-overlayfs)
       fuse-overlayfs -o "lowerdir=$B/l1:$B/l2,upperdir=$B/u,workdir=$B/w,allow_other" "$B/m"
       dir="$B/m/t" ;;
-    layerfs)
-      "$LAYERFS" -o "lowerdir=$B/l1:$B/l2,upperdir=$B/u,workdir=$B/w" "$B/m"
+    layerfs|layerfs-uring)
+      local uring=off; [ "$be" = layerfs-uring ] && uring=on
+      "$LAYERFS" -o "lowerdir=$B/l1:$B/l2,upperdir=$B/u,workdir=$B/w,uring=$uring" "$B/m"
       dir="$B/m/t" ;;
     *) echo "unknown backend $be" >&2; return 2 ;;
   esac
