@@ -37,12 +37,18 @@ SIZES = {
 }
 
 BACKENDS = ["native", "overlay", "fuse-overlayfs", "layerfs"]
-# Not run by default: layerfs without its change journal (`-o journal=off`), to measure what the journal costs.
-EXTRA_BACKENDS = ["layerfs-nojournal"]
+# Not run by default: layerfs without its change journal (`-o journal=off`), to measure what the
+# journal costs, and layerfs with requests through /dev/fuse (`-o uring=off`), to measure what the
+# io_uring queues bring.
+EXTRA_BACKENDS = ["layerfs-nojournal", "layerfs-devfuse"]
 LABEL = {"native": "native ext4", "overlay": "kernel overlayfs",
          "fuse-overlayfs": "fuse-overlayfs", "layerfs": "layerfs",
-         "layerfs-nojournal": "layerfs journal=off"}
-LAYERFS_NAMES = ("layerfs", "layerfs-nojournal")
+         "layerfs-nojournal": "layerfs journal=off", "layerfs-devfuse": "layerfs uring=off"}
+LAYERFS_NAMES = ("layerfs", "layerfs-nojournal", "layerfs-devfuse")
+# layerfs runs with its requests through per-CPU io_uring queues (`uring=on`, which turns on the
+# kernel's fuse.enable_uring); `layerfs-devfuse` is the same through /dev/fuse.
+LAYERFS_OPTS = {"layerfs": ",uring=on", "layerfs-nojournal": ",uring=on,journal=off",
+                "layerfs-devfuse": ",uring=off"}
 
 BIG_REL = "srv/data/big.img"
 BIGDIR_REL = "var/cache/bigdir"
@@ -328,8 +334,8 @@ class Backend:
         opts = (f"lowerdir={self.fs}/l1:{self.fs}/l2,upperdir={self.upper},workdir={self.work}")
         cmd = {"overlay": ["mount", "-t", "overlay", "overlay", "-o", opts, self.mnt],
                "fuse-overlayfs": ["fuse-overlayfs", "-o", opts, self.mnt],
-               "layerfs": [self.bin or "layerfs", "-o", opts, self.mnt],
-               "layerfs-nojournal": [self.bin or "layerfs", "-o", opts + ",journal=off", self.mnt]}[self.name]
+               **{n: [self.bin or "layerfs", "-o", opts + LAYERFS_OPTS[n], self.mnt]
+                  for n in LAYERFS_NAMES}}[self.name]
         with open(os.path.join(self.logdir, f"{self.name}.log"), "a") as lf:
             lf.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n")
             lf.flush()
@@ -758,7 +764,8 @@ def ratio(a, b, better):
 # shown when both layerfs and the other backend ran; "vs_nojournal" is what the journal costs.
 RATIOS = [("vs_kernel", "overlay", "layerfs vs kernel overlayfs", "vs kernel"),
           ("vs_fuse_overlayfs", "fuse-overlayfs", "layerfs vs fuse-overlayfs", "vs fuse-ovl"),
-          ("vs_nojournal", "layerfs-nojournal", "layerfs vs layerfs journal=off", "vs nojournal")]
+          ("vs_nojournal", "layerfs-nojournal", "layerfs vs layerfs journal=off", "vs nojournal"),
+          ("vs_devfuse", "layerfs-devfuse", "layerfs vs layerfs uring=off", "vs uring=off")]
 
 
 def ratio_cols(names):
@@ -779,7 +786,8 @@ def report(res, backends, meta, labels, outdir):
                          vs_kernel=ratio(vals.get("layerfs"), vals.get("overlay"), better)
                          if key not in ("rss", "fds") else None,
                          vs_fuse_overlayfs=ratio(vals.get("layerfs"), vals.get("fuse-overlayfs"), better),
-                         vs_nojournal=ratio(vals.get("layerfs"), vals.get("layerfs-nojournal"), better)))
+                         vs_nojournal=ratio(vals.get("layerfs"), vals.get("layerfs-nojournal"), better),
+                         vs_devfuse=ratio(vals.get("layerfs"), vals.get("layerfs-devfuse"), better)))
     notes, md = [], []
     head = ["workload", "unit", "better"] + [LABEL[n] for n in names] + [c[2] for c in cols]
     md.append("| " + " | ".join(head) + " |")

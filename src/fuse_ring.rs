@@ -12,6 +12,14 @@
 //! the others from that CPU. A thread waits for a request, serves it through
 //! `fuse_wire`, and commits the reply together with fetching the next one.
 //! FORGET and INTERRUPT still come through `/dev/fuse` (fuser's threads).
+//!
+//! A thread waits as SCHED_IDLE (see `serve_queue`): without that, the
+//! scheduler sees the CPU busy (with us) when the reply wakes the
+//! application and moves the application to an idle CPU, so every reply
+//! became a cross-CPU wake-up again. Measured (10,000 creates, 2 vCPUs): 30k
+//! migrations and 0.5-1.1 s without, under 100 migrations and 0.42 s with.
+//! With every CPU busy (3 spinning processes per CPU) a create took 83-88 us
+//! on average instead of 70-72 us, and the tail (p99, max) did not change.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -24,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::fs::LayerFs;
 use crate::fuse_wire::{self, HEADER_SIZE};
-use crate::sys::uring::{pin_to_cpu, Ring, UringCmd};
+use crate::sys::uring::{pin_to_cpu, set_sched_idle, Ring, UringCmd};
 
 const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
 const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
@@ -223,8 +231,23 @@ fn serve_queue(fs: &LayerFs, dev: &OwnedFd, qid: u16) -> io::Result<()> {
     // The kernel accepts registrations only once it has processed the INIT
     // reply; until then it answers EAGAIN.
     let deadline = Instant::now() + Duration::from_secs(5);
+    // Waiting (and committing the reply, in the same call) as SCHED_IDLE:
+    // the scheduler then sees this CPU as free when the reply wakes the
+    // application, and runs it here instead of moving it to another CPU
+    // (whose wake-up, in a VM, costs more than the request). Root only:
+    // leaving SCHED_IDLE needs CAP_SYS_NICE.
+    let mut yield_cpu = crate::sys::geteuid() == 0;
     loop {
+        if yield_cpu {
+            yield_cpu = set_sched_idle(true).is_ok();
+        }
         ring.submit_and_wait()?;
+        if yield_cpu {
+            if let Err(e) = set_sched_idle(false) {
+                warn!(qid, err = %e, "cannot leave SCHED_IDLE; the queue thread stops");
+                return Err(e);
+            }
+        }
         while let Some(c) = ring.next_completion() {
             match c.res {
                 0 => {
