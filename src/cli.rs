@@ -16,6 +16,9 @@ Options for -o (comma-separated; the syntax of kernel overlayfs):
   workdir=W            scratch directory on the same filesystem as U (required with U)
   threads=N            request threads (default: 2 per CPU, 4..16)
   passthrough=on|off   kernel FUSE passthrough for file data (default on)
+  uring=auto|on|off    serve requests through per-CPU io_uring queues (Linux 6.14+; faster
+                       small-file work). auto (default): when the kernel's fuse.enable_uring
+                       is on; on: switch it on (root), else fall back to /dev/fuse; off: never
   volatile             do not sync copied-up data to disk (as kernel overlayfs's volatile;
                        faster, but a power loss may leave a copied-up file incomplete)
   fsname=NAME          source name shown in /proc/mounts

@@ -280,17 +280,11 @@ impl Filesystem for DevFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.unlink(caller(req), parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(reply, self.fs.unlink(caller(req), parent.0, name))
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.rmdir(caller(req), parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(reply, self.fs.rmdir(caller(req), parent.0, name))
     }
 
     fn symlink(
@@ -318,13 +312,11 @@ impl Filesystem for DevFs {
         reply: ReplyEmpty,
     ) {
         let c = caller(req);
-        match self
-            .fs
-            .rename(c, parent.0, name, newparent.0, newname, flags.bits())
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(
+            reply,
+            self.fs
+                .rename(c, parent.0, name, newparent.0, newname, flags.bits()),
+        )
     }
 
     fn link(
@@ -428,10 +420,7 @@ impl Filesystem for DevFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsync(fh.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(reply, self.fs.fsync(fh.0, datasync))
     }
 
     /// No OPENDIR: answering ENOSYS makes the kernel stop sending OPENDIR
@@ -485,10 +474,7 @@ impl Filesystem for DevFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsyncdir(ino.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(reply, self.fs.fsyncdir(ino.0, datasync))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -517,10 +503,10 @@ impl Filesystem for DevFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.setxattr(caller(req), ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(
+            reply,
+            self.fs.setxattr(caller(req), ino.0, name, value, flags),
+        )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -532,10 +518,7 @@ impl Filesystem for DevFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.removexattr(caller(req), ino.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(reply, self.fs.removexattr(caller(req), ino.0, name))
     }
 
     fn create(
@@ -576,13 +559,11 @@ impl Filesystem for DevFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self
-            .fs
-            .fallocate(caller(req), ino.0, fh.0, offset, length, mode)
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(
+            reply,
+            self.fs
+                .fallocate(caller(req), ino.0, fh.0, offset, length, mode),
+        )
     }
 
     fn lseek(
@@ -598,6 +579,13 @@ impl Filesystem for DevFs {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(err(e)),
         }
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: io::Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(err(e)),
     }
 }
 
