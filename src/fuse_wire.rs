@@ -227,9 +227,16 @@ pub fn serve(fs: &LayerFs, hbuf: &mut [u8], payload: &mut [u8]) {
     let (unique, result) = match header(hbuf) {
         Ok(h) => {
             let len = h.payload_len.min(payload.len());
-            // The request's arguments are copied out of the payload before
-            // the reply overwrites it.
-            let r = dispatch(fs, &h, &hbuf[OP_IN..ENT_IN_OUT], payload, len);
+            // A bug in one operation must not leave the application waiting
+            // for a reply forever: a panic becomes EIO.
+            let op_in = &hbuf[OP_IN..ENT_IN_OUT];
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                dispatch(fs, &h, op_in, payload, len)
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!(opcode = h.opcode, "request handler panicked; answered EIO");
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            });
             (h.unique, r)
         }
         Err(e) => (0, Err(e)),
