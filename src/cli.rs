@@ -14,7 +14,8 @@ Options for -o (comma-separated; the syntax of kernel overlayfs):
   lowerdir=L1:L2:...   read-only layers, topmost first (required)
   upperdir=U           writable layer; without it the mount is read-only
   workdir=W            scratch directory on the same filesystem as U (required with U)
-  threads=N            request threads (default: 2 per CPU, 4..16)
+  threads=N            request threads (default: 2 per CPU, 4..16; with uring, shared out
+                       over the CPUs' queues, at least 2 per queue)
   passthrough=on|off   kernel FUSE passthrough for file data (default on)
   uring=auto|on|off    serve requests through per-CPU io_uring queues (Linux 6.14+; faster
                        small-file work). auto (default): when the kernel's fuse.enable_uring

@@ -6,10 +6,10 @@
 //! request on the CPU that made it, and a daemon thread pinned to that CPU
 //! serves it: the application and the daemon hand over on one CPU.
 //!
-//! Each queue (one per possible CPU, as the kernel wants) gets a few threads,
-//! each with its own ring and one registered entry (header and payload
-//! buffers), so one slow request (an fsync, a big copy-up) does not hold up
-//! the others from that CPU. A thread waits for a request, serves it through
+//! Each queue (one per possible CPU, as the kernel wants) gets a few threads
+//! (the mount's `threads=` shared out, at least two), each with its own ring
+//! and one registered entry (header and payload buffers), so one slow request
+//! (an fsync, a big copy-up) does not hold up the others from that CPU. A thread waits for a request, serves it through
 //! `fuse_wire`, and commits the reply together with fetching the next one.
 //! FORGET and INTERRUPT still come through `/dev/fuse` (fuser's threads).
 //!
@@ -37,8 +37,8 @@ use crate::sys::uring::{pin_to_cpu, set_sched_idle, Ring, UringCmd};
 const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
 const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
 
-/// Threads per online CPU's queue (offline ones get one).
-const THREADS_PER_QUEUE: usize = 2;
+/// Threads per online CPU's queue at least (offline ones get one).
+const MIN_THREADS_PER_QUEUE: usize = 2;
 
 /// Payload buffer per entry: at least the kernel's largest request or
 /// reply (max_write and max_pages are 1 MiB, see `fuse_dev::init`).
@@ -155,11 +155,16 @@ impl Queues {
 }
 
 /// Start the queues on the connection `dev` (after INIT agreed to io_uring).
-pub fn start(fs: Arc<LayerFs>, dev: Arc<OwnedFd>) -> io::Result<Queues> {
+/// `threads`: the mount's request threads, shared out over the online CPUs'
+/// queues (at least two each, so that one slow request, an fsync or a big
+/// copy-up, does not hold up the next one from that CPU).
+pub fn start(fs: Arc<LayerFs>, dev: Arc<OwnedFd>, threads: usize) -> io::Result<Queues> {
     let (n, online) = cpus();
+    let n_online = online.iter().filter(|&&o| o).count().max(1);
+    let per_online = threads.div_ceil(n_online).max(MIN_THREADS_PER_QUEUE);
     let mut threads = Vec::new();
     for (qid, &on) in online.iter().enumerate().take(n) {
-        let per = if on { THREADS_PER_QUEUE } else { 1 };
+        let per = if on { per_online } else { 1 };
         for t in 0..per {
             let (fs, dev) = (fs.clone(), dev.clone());
             let h = std::thread::Builder::new()

@@ -75,6 +75,18 @@ fn preflight(req: &MountRequest) -> Result<()> {
     Ok(())
 }
 
+/// `threads=`, else 2 per CPU (4 to 16): fuser's threads, or with the
+/// io_uring queues that many per queue's share (see `fuse_ring::start`).
+fn request_threads(opts: &MountOptions) -> usize {
+    if opts.threads > 0 {
+        opts.threads
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| (n.get() * 2).clamp(4, 16))
+            .unwrap_or(4)
+    }
+}
+
 fn fuse_config(opts: &MountOptions, read_only: bool) -> Config {
     let mut mo = vec![
         MountOption::FSName(opts.fsname.clone().unwrap_or_else(|| "layerfs".into())),
@@ -113,13 +125,7 @@ fn fuse_config(opts: &MountOptions, read_only: bool) -> Config {
     if f.dirsync {
         mo.push(MountOption::DirSync);
     }
-    let threads = if opts.threads > 0 {
-        opts.threads
-    } else {
-        std::thread::available_parallelism()
-            .map(|n| (n.get() * 2).clamp(4, 16))
-            .unwrap_or(4)
-    };
+    let threads = request_threads(opts);
     let mut c = Config::default();
     c.mount_options = mo;
     c.acl = SessionACL::All;
@@ -252,10 +258,11 @@ fn serve(req: MountRequest, layers: Layers, mut ready: Option<OwnedFd>) -> Resul
         );
         fs.io().set_device(dev.clone());
         // The queues can start only after INIT, which the session answers.
+        let threads = request_threads(&req.options);
         let rings = std::thread::Builder::new()
             .name("ring-start".into())
             .spawn(move || match negotiated.wait(Duration::from_secs(30)) {
-                Some(true) => match fuse_ring::start(fs, dev) {
+                Some(true) => match fuse_ring::start(fs, dev, threads) {
                     Ok(q) => Some(q),
                     Err(e) => {
                         warn!(err = %e, "cannot start the io_uring queues; using /dev/fuse");

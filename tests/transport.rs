@@ -85,6 +85,24 @@ fn uring_on_serves_requests_through_the_queues() {
 }
 
 #[test]
+fn uring_threads_follow_the_threads_option() {
+    if !Path::new("/sys/module/fuse/parameters/enable_uring").exists() {
+        eprintln!("SKIP: this kernel has no FUSE over io_uring (Linux 6.14+)");
+        return;
+    }
+    let mut f = Fixture::new();
+    f.mount_exact(&format!("{},uring=on,threads=12", f.opts()));
+    let pid = f.child.as_ref().unwrap().id();
+    // 12 shared out over the online CPUs' queues (rounded up), at least 2 each.
+    let per = 12usize.div_ceil(online_cpus()).max(2);
+    wait_for(
+        || switches(pid).2 >= per * online_cpus(),
+        "io_uring queue threads for threads=12",
+    );
+    traffic(&f);
+}
+
+#[test]
 fn uring_off_keeps_dev_fuse() {
     let mut f = Fixture::new();
     f.mount_exact(&format!("{},uring=off", f.opts()));
