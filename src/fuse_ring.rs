@@ -32,7 +32,8 @@ use tracing::{debug, info, warn};
 
 use crate::fs::LayerFs;
 use crate::fuse_wire::{self, HEADER_SIZE};
-use crate::sys::uring::{pin_to_cpu, set_sched_idle, Ring, UringCmd};
+use crate::sys::uring::{pin_to_cpu, Ring, UringCmd};
+use crate::sys::{set_sched_policy, SchedPolicy};
 
 const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
 const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
@@ -244,11 +245,11 @@ fn serve_queue(fs: &LayerFs, dev: &OwnedFd, qid: u16) -> io::Result<()> {
     let mut yield_cpu = crate::sys::geteuid() == 0;
     loop {
         if yield_cpu {
-            yield_cpu = set_sched_idle(true).is_ok();
+            yield_cpu = set_sched_policy(SchedPolicy::Idle).is_ok();
         }
         ring.submit_and_wait()?;
         if yield_cpu {
-            if let Err(e) = set_sched_idle(false) {
+            if let Err(e) = set_sched_policy(SchedPolicy::Other) {
                 warn!(qid, err = %e, "cannot leave SCHED_IDLE; the queue thread stops");
                 return Err(e);
             }

@@ -83,9 +83,10 @@ impl Node {
 /// Sharded map so lookups in different directories do not contend on one lock.
 pub struct InodeTable {
     shards: Vec<Mutex<HashMap<u64, Arc<Node>>>>,
-    /// Bumped after any known node changes its name or parent, becomes
+    /// Bumped after any known directory changes its name or parent, becomes
     /// unlinked, or leaves the table (its number may then name another
-    /// object): paths cached before are stale (see `Union::path_of`).
+    /// object): directory paths cached before are stale (see
+    /// `Union::dir_path`). Files do not bump it: no path goes through a file.
     names_gen: AtomicU64,
 }
 
@@ -147,7 +148,9 @@ impl InodeTable {
                     // A stale node for a number the upper reused: start over.
                     *st = state;
                     drop(st);
-                    self.names_changed();
+                    if fmt == libc::S_IFDIR {
+                        self.names_changed();
+                    }
                     return n.clone();
                 } else if (st.parent, &st.name) != (state.parent, &state.name)
                     && !st
@@ -164,19 +167,19 @@ impl InodeTable {
         // A node of another type under this number: the upper reused an inode
         // number the kernel still holds. The kernel will FORGET its old inode
         // under the same node id with its own count, so the count carries over.
-        let carried = shard
+        let (carried, was_dir) = shard
             .get(&ino)
-            .map(|n| n.lookups.load(Ordering::Relaxed))
-            .unwrap_or(0);
+            .map(|n| (n.lookups.load(Ordering::Relaxed), n.fmt == libc::S_IFDIR))
+            .unwrap_or((0, false));
         let node = Arc::new(Node {
             ino,
             fmt,
             lookups: AtomicU64::new(carried + 1),
             state: RwLock::new(state),
         });
-        let replaced = shard.insert(ino, node.clone()).is_some();
+        shard.insert(ino, node.clone());
         drop(shard);
-        if replaced {
+        if was_dir {
             self.names_changed();
         }
         node
@@ -202,9 +205,12 @@ impl InodeTable {
                 Ordering::Relaxed,
             );
             if prev <= n {
+                let dir = node.fmt == libc::S_IFDIR;
                 shard.remove(&ino);
                 drop(shard);
-                self.names_changed();
+                if dir {
+                    self.names_changed();
+                }
             }
         }
     }

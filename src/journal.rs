@@ -531,7 +531,12 @@ impl Journal {
         let w = inner.clone();
         let h = std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer(&w))?;
+            .spawn(move || {
+                // A background group commit: it must not preempt the request
+                // threads (or pull applications off their CPU) when it wakes.
+                let _ = crate::sys::set_sched_policy(crate::sys::SchedPolicy::Batch);
+                writer(&w)
+            })?;
         Ok(Arc::new(Journal {
             inner,
             writer: Mutex::new(Some(h)),

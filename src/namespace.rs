@@ -288,7 +288,7 @@ fn remove(u: &Union, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
 
 /// A name of `node` went away; the node stays while other names or kernel references remain.
 fn drop_name(u: &Union, node: &Node, parent: u64, name: &OsStr) {
-    let _bump = NamesChanged(u);
+    let _bump = NamesChanged(u, node);
     let mut st = node.state.write();
     if st.parent == parent && st.name == name {
         if let Some((p, n)) = st.aliases.pop() {
@@ -561,7 +561,7 @@ fn finish_rename(
 }
 
 fn set_name(u: &Union, node: &Node, from_parent: u64, from: &OsStr, to_parent: u64, to: &OsStr) {
-    let _bump = NamesChanged(u);
+    let _bump = NamesChanged(u, node);
     let mut st = node.state.write();
     if st.parent == from_parent && st.name == from {
         st.parent = to_parent;
@@ -600,11 +600,14 @@ fn clear_whiteouts(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
 }
 
 /// Bumps the namespace generation when dropped, i.e. after the name change
-/// and its lock are done.
-struct NamesChanged<'a>(&'a Union);
+/// and its lock are done. Only directories: the cached paths are directory
+/// paths, and a file's name is never part of another object's path.
+struct NamesChanged<'a>(&'a Union, &'a Node);
 
 impl Drop for NamesChanged<'_> {
     fn drop(&mut self) {
-        self.0.inodes.names_changed();
+        if self.1.is_dir() {
+            self.0.inodes.names_changed();
+        }
     }
 }

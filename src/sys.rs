@@ -872,3 +872,25 @@ pub fn backing_close(dev: BorrowedFd<'_>, id: u32) -> io::Result<()> {
     let r = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE as _, &id) };
     check(r).map(|_| ())
 }
+
+/// Scheduling policies layerfs's own threads use (see `set_sched_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedPolicy {
+    Other,
+    /// Never preempts on wake-up: background writers.
+    Batch,
+    /// Runs only when nothing else wants the CPU.
+    Idle,
+}
+
+/// Set the calling thread's scheduling policy (nice value unchanged).
+pub fn set_sched_policy(p: SchedPolicy) -> io::Result<()> {
+    let policy = match p {
+        SchedPolicy::Other => libc::SCHED_OTHER,
+        SchedPolicy::Batch => libc::SCHED_BATCH,
+        SchedPolicy::Idle => libc::SCHED_IDLE,
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` outlives the call.
+    check(unsafe { libc::sched_setscheduler(0, policy, &param) }).map(|_| ())
+}

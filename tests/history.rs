@@ -168,6 +168,67 @@ fn journal_records_each_change_with_its_process() {
 }
 
 #[test]
+fn journal_paths_follow_renamed_and_reused_directories() {
+    // The daemon caches directory paths per thread until a directory's name
+    // changes: each record must still carry the path at the time of change.
+    let mut f = Fixture::new();
+    layout(&f);
+    f.mount();
+    ready(&f);
+    fs::create_dir(f.m("d1")).unwrap();
+    fs::write(f.m("d1/a"), "a").unwrap();
+    fs::write(f.m("d1/keep"), "k").unwrap();
+    fs::rename(f.m("d1"), f.m("d2")).unwrap();
+    fs::write(f.m("d2/b"), "b").unwrap();
+    fs::remove_file(f.m("d2/a")).unwrap();
+    fs::rename(f.m("d2/b"), f.m("d2/c")).unwrap();
+    fs::set_permissions(f.m("d2/c"), fs::Permissions::from_mode(0o600)).unwrap();
+    // Directories removed and made again, so the upper may hand out their
+    // inode numbers again: the new one's children must not get the old path.
+    for i in 0..20 {
+        let (x, y) = (format!("x{i}"), format!("y{i}"));
+        fs::create_dir(f.m(&x)).unwrap();
+        fs::write(f.m(&format!("{x}/f")), "f").unwrap();
+        fs::remove_file(f.m(&format!("{x}/f"))).unwrap();
+        fs::remove_dir(f.m(&x)).unwrap();
+        fs::create_dir(f.m(&y)).unwrap();
+        fs::write(f.m(&format!("{y}/g")), "g").unwrap();
+    }
+    let recs = records(&f, &[]);
+    let has = |op: &str, path: &str| recs.iter().any(|r| r["op"] == op && r["path"] == path);
+    for (op, path) in [
+        ("create", "/d1/a"),
+        ("create", "/d1/keep"),
+        ("rename", "/d1"),
+        ("create", "/d2/b"),
+        ("unlink", "/d2/a"),
+        ("rename", "/d2/b"),
+        ("chmod", "/d2/c"),
+    ] {
+        assert!(has(op, path), "no {op} {path} in {recs:#?}");
+    }
+    for i in 0..20 {
+        assert!(
+            has("create", &format!("/y{i}/g")),
+            "no create /y{i}/g in {recs:#?}"
+        );
+        assert!(has("unlink", &format!("/x{i}/f")), "no unlink /x{i}/f");
+    }
+    let bad: Vec<_> = recs
+        .iter()
+        .filter(|r| {
+            let p = r["path"].as_str().unwrap_or("");
+            (p.starts_with("/d1/") && p != "/d1/a" && p != "/d1/keep")
+                || (p.starts_with("/x") && p.ends_with("/g"))
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "records under a stale directory path: {bad:#?}"
+    );
+}
+
+#[test]
 fn checkpoint_rollback_and_roll_forward() {
     let mut f = Fixture::new();
     layout(&f);

@@ -296,18 +296,3 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     }
     Ok(())
 }
-
-/// Switch the calling thread between SCHED_IDLE and SCHED_OTHER.
-pub fn set_sched_idle(idle: bool) -> io::Result<()> {
-    let policy = if idle {
-        libc::SCHED_IDLE
-    } else {
-        libc::SCHED_OTHER
-    };
-    let p = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `p` outlives the call.
-    if unsafe { libc::sched_setscheduler(0, policy, &p) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
