@@ -174,7 +174,7 @@ impl Filesystem for DevFs {
         }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
-        self.uring.set(uring_ok, caps.contains(uring));
+        self.uring.set(uring_ok);
         info!(
             killpriv_v2 = caps.contains(InitFlags::FUSE_HANDLE_KILLPRIV_V2),
             passthrough = io.enabled(),

@@ -50,14 +50,14 @@ const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 /// What INIT decided, for the mount to start the queues after it.
 #[derive(Default)]
 pub struct Negotiated {
-    state: Mutex<Option<(bool, bool)>>,
+    state: Mutex<Option<bool>>,
     cv: Condvar,
 }
 
 impl Negotiated {
-    /// `used`: requested and agreed; `offered`: the kernel offered it.
-    pub fn set(&self, used: bool, offered: bool) {
-        *self.state.lock() = Some((used, offered));
+    /// `used`: io_uring was requested and the kernel agreed.
+    pub fn set(&self, used: bool) {
+        *self.state.lock() = Some(used);
         self.cv.notify_all();
     }
 
@@ -70,7 +70,7 @@ impl Negotiated {
                 break;
             }
         }
-        s.map(|(used, _)| used)
+        *s
     }
 }
 
@@ -257,11 +257,7 @@ fn serve_queue(fs: &LayerFs, dev: &OwnedFd, qid: u16) -> io::Result<()> {
         while let Some(c) = ring.next_completion() {
             match c.res {
                 0 => {
-                    let commit_id = match fuse_wire::header(&e.header) {
-                        Ok(h) => h.commit_id,
-                        Err(err) => return Err(err),
-                    };
-                    fuse_wire::serve(fs, &mut e.header, &mut e.payload);
+                    let commit_id = fuse_wire::serve(fs, &mut e.header, &mut e.payload)?;
                     ring.push(&UringCmd {
                         fd: dev.as_fd(),
                         cmd_op: FUSE_IO_URING_CMD_COMMIT_AND_FETCH,

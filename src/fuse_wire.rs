@@ -222,33 +222,31 @@ pub fn header(h: &[u8]) -> io::Result<Header> {
 
 /// Serve one request: `hbuf` is the header buffer, `payload` the payload
 /// buffer (request in, reply out). Writes the `fuse_out_header` and the
-/// reply length; returns nothing: every outcome is a reply.
-pub fn serve(fs: &LayerFs, hbuf: &mut [u8], payload: &mut [u8]) {
-    let (unique, result) = match header(hbuf) {
-        Ok(h) => {
-            let len = h.payload_len.min(payload.len());
-            // A bug in one operation must not leave the application waiting
-            // for a reply forever: a panic becomes EIO.
-            let op_in = &hbuf[OP_IN..ENT_IN_OUT];
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                dispatch(fs, &h, op_in, payload, len)
-            }))
-            .unwrap_or_else(|_| {
-                tracing::error!(opcode = h.opcode, "request handler panicked; answered EIO");
-                Err(io::Error::from_raw_os_error(libc::EIO))
-            });
-            (h.unique, r)
-        }
-        Err(e) => (0, Err(e)),
-    };
+/// reply length (every outcome is a reply) and returns the commit id that
+/// names the request to the kernel; Err only for a header too short to
+/// name one.
+pub fn serve(fs: &LayerFs, hbuf: &mut [u8], payload: &mut [u8]) -> io::Result<u64> {
+    let h = header(hbuf)?;
+    let len = h.payload_len.min(payload.len());
+    // A bug in one operation must not leave the application waiting for a
+    // reply forever: a panic becomes EIO.
+    let op_in = &hbuf[OP_IN..ENT_IN_OUT];
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        dispatch(fs, &h, op_in, payload, len)
+    }))
+    .unwrap_or_else(|_| {
+        tracing::error!(opcode = h.opcode, "request handler panicked; answered EIO");
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    });
     let (error, plen) = match result {
         Ok(n) => (0i32, n),
         Err(e) => (-e.raw_os_error().unwrap_or(libc::EIO), 0),
     };
     hbuf[0..4].copy_from_slice(&(16 + plen as u32).to_ne_bytes());
     hbuf[4..8].copy_from_slice(&error.to_ne_bytes());
-    hbuf[8..16].copy_from_slice(&unique.to_ne_bytes());
+    hbuf[8..16].copy_from_slice(&h.unique.to_ne_bytes());
     hbuf[ENT_IN_OUT + 16..ENT_IN_OUT + 20].copy_from_slice(&(plen as u32).to_ne_bytes());
+    Ok(h.commit_id)
 }
 
 /// Decode, call, encode; returns the reply's payload length.
