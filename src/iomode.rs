@@ -13,8 +13,9 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use tracing::{info, warn};
 
 use crate::sys;
@@ -49,9 +50,15 @@ struct InodeIo {
     cached: u32,
 }
 
+/// How long an open waits for the release of a just-closed reader that
+/// holds the inode's other backing file (see `choose`).
+const RELEASE_WAIT: Duration = Duration::from_millis(200);
+
 pub struct IoModes {
     enabled: AtomicBool,
     inodes: Mutex<HashMap<u64, InodeIo>>,
+    /// Signalled after every release (see `choose`).
+    released: Condvar,
     /// The FUSE connection backing files are registered on (set once mounted).
     dev: OnceLock<Arc<OwnedFd>>,
 }
@@ -61,6 +68,7 @@ impl IoModes {
         IoModes {
             enabled: AtomicBool::new(enabled),
             inodes: Mutex::new(HashMap::new()),
+            released: Condvar::new(),
             dev: OnceLock::new(),
         }
     }
@@ -90,6 +98,8 @@ impl IoModes {
     /// So: the same file reuses it; a different file (the upper copy, while
     /// a reader of the lower one is still open) is refused with ETXTBSY,
     /// like writing to a running program, rather than served wrongly.
+    /// The kernel sends RELEASE after `close()` has returned, so a reader
+    /// that has just closed may not be released yet: wait for that briefly.
     pub fn choose(
         &self,
         ino: u64,
@@ -99,18 +109,25 @@ impl IoModes {
         file: BorrowedFd<'_>,
     ) -> io::Result<IoMode> {
         let mut map = self.inodes.lock();
-        let st = map.entry(ino).or_default();
-        match st.backing.upgrade() {
-            Some(b) if b.key == key => return Ok(IoMode::Passthrough(b)),
-            Some(_) => {
-                warn!(
-                    ino,
-                    "open refused: the file was copied up while a reader of the lower copy is open"
-                );
-                return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+        let deadline = Instant::now() + RELEASE_WAIT;
+        loop {
+            let held = map.entry(ino).or_default().backing.upgrade();
+            match held {
+                Some(b) if b.key == key => return Ok(IoMode::Passthrough(b)),
+                Some(b) => {
+                    drop(b);
+                    if self.released.wait_until(&mut map, deadline).timed_out() {
+                        warn!(
+                            ino,
+                            "open refused: the file was copied up while a reader of the lower copy is open"
+                        );
+                        return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+                    }
+                }
+                None => break,
             }
-            None => {}
         }
+        let st = map.entry(ino).or_default();
         if direct {
             return Ok(IoMode::Direct);
         }
@@ -161,5 +178,7 @@ impl IoModes {
                 map.remove(&ino);
             }
         }
+        drop(map);
+        self.released.notify_all();
     }
 }
