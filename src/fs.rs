@@ -374,8 +374,12 @@ impl LayerFs {
 
     fn remove(&self, c: Caller, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
         let _gate = self.union.gate.read();
-        // The name is gone afterwards: resolve the path first.
-        let path = self.union.path_in(parent, name);
+        // The name is gone afterwards: resolve the path first (only for the
+        // journal; without one no path is built).
+        let path = self
+            .journal
+            .as_ref()
+            .and_then(|_| self.union.path_in(parent, name));
         if dir {
             namespace::rmdir(&self.union, parent, name)?;
         } else {
@@ -414,7 +418,10 @@ impl LayerFs {
     ) -> io::Result<()> {
         let _gate = self.union.gate.read();
         namespace::rename(&self.union, parent, name, newparent, newname, flags)?;
-        let to = self.union.path_in(newparent, newname);
+        let to = self
+            .journal
+            .as_ref()
+            .and_then(|_| self.union.path_in(newparent, newname));
         let d = (flags & libc::RENAME_EXCHANGE != 0).then(|| "exchange".to_string());
         self.note(c.who(), Op::Rename, parent, name, 0, to, d);
         Ok(())
@@ -422,7 +429,7 @@ impl LayerFs {
 
     pub fn link(&self, c: Caller, ino: u64, newparent: u64, newname: &OsStr) -> io::Result<Stat> {
         let _gate = self.union.gate.read();
-        let target = self.union.path_of(ino);
+        let target = self.journal.as_ref().and_then(|_| self.union.path_of(ino));
         let (_, st) = namespace::link(&self.union, ino, newparent, newname)?;
         self.note(c.who(), Op::Link, newparent, newname, 0, target, None);
         Ok(st)

@@ -33,6 +33,15 @@ fn switches(pid: u32) -> (u64, u64, usize) {
     (ring, other, n)
 }
 
+/// Kernels before 6.14 have no FUSE over io_uring: those tests say so and pass.
+fn uring_available() -> bool {
+    let there = Path::new("/sys/module/fuse/parameters/enable_uring").exists();
+    if !there {
+        eprintln!("SKIP: this kernel has no FUSE over io_uring (Linux 6.14+)");
+    }
+    there
+}
+
 fn online_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -54,8 +63,7 @@ fn traffic(f: &Fixture) {
 
 #[test]
 fn uring_on_serves_requests_through_the_queues() {
-    if !Path::new("/sys/module/fuse/parameters/enable_uring").exists() {
-        eprintln!("SKIP: this kernel has no FUSE over io_uring (Linux 6.14+)");
+    if !uring_available() {
         return;
     }
     let mut f = Fixture::new();
@@ -86,8 +94,7 @@ fn uring_on_serves_requests_through_the_queues() {
 
 #[test]
 fn uring_threads_follow_the_threads_option() {
-    if !Path::new("/sys/module/fuse/parameters/enable_uring").exists() {
-        eprintln!("SKIP: this kernel has no FUSE over io_uring (Linux 6.14+)");
+    if !uring_available() {
         return;
     }
     let mut f = Fixture::new();
