@@ -30,10 +30,10 @@ GEN_VERSION = "1"  # bump when the generated layers change
 SIZES = {
     "full": dict(tree_files=100_000, bigdir=20_000, big=1 << 30, fio_secs=5, create=10_000,
                  create_bytes=512, src_files=12_000, src_bytes=175_000_000, rewrite=2_000,
-                 appends=200_000, append_bytes=128, readdir_reps=20, runs=3, image="16G"),
+                 appends=200_000, roundtrips=100_000, append_bytes=128, readdir_reps=20, runs=3, image="16G"),
     "quick": dict(tree_files=8_000, bigdir=2_000, big=64 << 20, fio_secs=2, create=1_000,
                   create_bytes=512, src_files=1_200, src_bytes=16_000_000, rewrite=200,
-                  appends=20_000, append_bytes=128, readdir_reps=5, runs=1, image="3G"),
+                  appends=20_000, roundtrips=20_000, append_bytes=128, readdir_reps=5, runs=1, image="3G"),
 }
 
 BACKENDS = ["native", "overlay", "fuse-overlayfs", "layerfs"]
@@ -469,6 +469,8 @@ METRICS = [
     ("stat_cold", "readdir + lstat of every entry of the tree, cold", "entries/s", "higher"),
     ("readdir_warm", "list the 20,000-entry merged directory, repeated, warm", "entries/s", "higher"),
     ("readdir_cold", "list the 20,000-entry merged directory once, cold", "entries/s", "higher"),
+    ("roundtrip", "one request to the filesystem: statx(AT_STATX_FORCE_SYNC) of a lower file, warm "
+     "(through FUSE: a GETATTR round trip to the daemon)", "us", "lower"),
     ("create", "create 10,000 small files (512 B)", "files/s", "higher"),
     ("delete", "delete those 10,000 files", "files/s", "higher"),
     ("untar", "untar a 175 MB source tarball (12k entries)", "s", "lower"),
@@ -563,6 +565,11 @@ def w_readdir(reps):
     return f
 
 
+def w_roundtrip(c, b):
+    r = c.lfb("getattr", os.path.join(b.root, BIG_REL), c.P["roundtrips"])
+    return r["secs"] / r["calls"] * 1e6
+
+
 def w_createdelete(c, b):
     r = c.lfb("create", os.path.join(b.root, "bench-create"), c.P["create"], c.P["create_bytes"])
     return {"create": r["files"] / r["create_secs"], "delete": r["files"] / r["delete_secs"]}
@@ -614,6 +621,7 @@ def plan(P):
         ("group", "writes: fresh upper and work before every run"),
         ("seqwrite", w_seqwrite, "fresh", presync),
         ("copyup", w_copyup, "fresh", prep_copyup),
+        ("roundtrip", w_roundtrip, "warm", None),
         (("create", "delete"), w_createdelete, "fresh", presync),
         ("untar", w_untar, "fresh", prep_untar),
         ("rewrite", w_rewrite, "fresh", presync),

@@ -13,6 +13,9 @@
  *   create DIR N BYTES           create N files of BYTES, then unlink them
  *   rewrite ROOT LIST            dpkg-style: write P.dpkg-new, rename to P
  *   append PREFIX N BYTES JOBS   JOBS processes, each N writes to PREFIX.J
+ *   getattr PATH N               N statx(AT_STATX_FORCE_SYNC) of PATH: on a
+ *                                FUSE mount each one is a GETATTR round trip
+ *                                to the daemon (the floor of any request)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -306,6 +309,17 @@ static int cmd_append(const char *prefix, long n, int bytes, int jobs) {
   return 0;
 }
 
+static int cmd_getattr(const char *path, long n) {
+  struct statx stx;
+  double t0 = now();
+  for (long i = 0; i < n; i++)
+    if (statx(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW | AT_STATX_FORCE_SYNC, STATX_BASIC_STATS, &stx) < 0)
+      die("statx %s", path);
+  double t = now() - t0;
+  printf("calls=%ld secs=%.6f\n", n, t);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   if (argc >= 3 && !strcmp(argv[1], "read")) return cmd_read(argv[2]);
@@ -317,6 +331,7 @@ int main(int argc, char **argv) {
   if (argc >= 4 && !strcmp(argv[1], "rewrite")) return cmd_rewrite(argv[2], argv[3]);
   if (argc >= 6 && !strcmp(argv[1], "append"))
     return cmd_append(argv[2], atol(argv[3]), atoi(argv[4]), atoi(argv[5]));
+  if (argc >= 4 && !strcmp(argv[1], "getattr")) return cmd_getattr(argv[2], atol(argv[3]));
   fprintf(stderr, "usage: see the comment at the top of lfbench.c\n");
   return 2;
 }
