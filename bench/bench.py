@@ -780,6 +780,30 @@ def ratio_cols(names):
     return [c for c in RATIOS if "layerfs" in names and c[1] in names]
 
 
+# Synchronous FUSE requests the kernel (6.18) makes for one file of the create and delete workloads,
+# counted with its fuse_request_send/end tracepoints: create = GETATTR of the parent (default_permissions
+# re-checks it after each change), LOOKUP, CREATE, GETXATTR security.capability (first write to a new
+# inode); its RELEASE is sent after close() returns. delete = GETATTR of the parent, UNLINK.
+SYNC_REQUESTS = {"create": 4, "delete": 2}
+
+
+def fuse_ceilings(res):
+    """The best any FUSE server could do on this machine: the synchronous requests of one file, each
+    costing at least layerfs's measured round trip (a GETATTR, whose work is one fstat), with no time
+    left for the filesystem work itself; as files/s and as a ratio to kernel overlayfs."""
+    rtt = res.median("roundtrip", "layerfs")
+    out = []
+    for key, n in SYNC_REQUESTS.items():
+        ovl = res.median(key, "overlay")
+        if not rtt or not ovl:
+            continue
+        best = 1e6 / (n * rtt)
+        out.append(f"- {key}: {n} synchronous requests x {rtt:.1f} us = {n * rtt:.0f} us per file at the least, "
+                   f"so at most {best:,.0f} files/s = {best / ovl:.2f}x kernel overlayfs "
+                   f"({1e6 / ovl:.0f} us per file there)")
+    return out
+
+
 def report(res, backends, meta, labels, outdir):
     names = [b.name for b in backends]
     cols = ratio_cols(names)
@@ -829,6 +853,9 @@ def report(res, backends, meta, labels, outdir):
         "1.00x it is worse, whatever the unit (for rates layerfs/other, for seconds and sizes other/layerfs).",
         "",
     ] + md
+    ceilings = fuse_ceilings(res)
+    if ceilings:
+        text += ["", "Ceilings for any FUSE server here (round trips alone, from the `roundtrip` row):", ""] + ceilings
     if notes:
         text += ["", "Errors:", ""] + [f"{i + 1}. {n}" for i, n in enumerate(notes)]
     text = "\n".join(text) + "\n"
