@@ -220,6 +220,23 @@ pub fn header(h: &[u8]) -> io::Result<Header> {
     })
 }
 
+/// Requests whose work is a few system calls on metadata (no data copied,
+/// no directory listed, never a copy-up): a queue thread serves these
+/// without leaving SCHED_IDLE (see `fuse_ring::serve_queue`).
+pub fn is_light(opcode: u32) -> bool {
+    matches!(
+        opcode,
+        op::LOOKUP
+            | op::GETATTR
+            | op::READLINK
+            | op::STATFS
+            | op::RELEASE
+            | op::GETXATTR
+            | op::LISTXATTR
+            | op::RELEASEDIR
+    )
+}
+
 /// Serve one request: `hbuf` is the header buffer, `payload` the payload
 /// buffer (request in, reply out). Writes the `fuse_out_header` and the
 /// reply length (every outcome is a reply) and returns the commit id that
@@ -463,6 +480,35 @@ fn attr_out(o: &mut Out<'_>, st: &Stat, ttl: Duration) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_that_may_run_long_leave_sched_idle() {
+        // Copy-up (OPEN, CREATE, SETATTR, RENAME, LINK), data, listings
+        // and syncs must never run SCHED_IDLE: behind busy processes they
+        // would get a fraction of a percent of a CPU.
+        for opcode in [
+            op::OPEN,
+            op::CREATE,
+            op::SETATTR,
+            op::RENAME,
+            op::RENAME2,
+            op::LINK,
+            op::READ,
+            op::WRITE,
+            op::READDIR,
+            op::READDIRPLUS,
+            op::FSYNC,
+            op::FSYNCDIR,
+            op::FALLOCATE,
+            op::SETXATTR,
+            op::UNLINK,
+            op::RMDIR,
+            op::MKDIR,
+        ] {
+            assert!(!is_light(opcode), "opcode {opcode} classed light");
+        }
+        assert!(is_light(op::LOOKUP) && is_light(op::GETATTR) && is_light(op::GETXATTR));
+    }
 
     #[test]
     fn dirent_layout_and_padding() {
