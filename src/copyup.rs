@@ -151,8 +151,7 @@ fn build_copy(
     sys::fchownat(work, tmp, sst.st_uid, sst.st_gid)?;
     copy_xattrs(src_dir, src_name, work, tmp)?;
     if fmt != libc::S_IFLNK {
-        let fd = sys::openat(work, tmp, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-        sys::chmod_fd(fd.as_fd(), perm)?;
+        sys::chmodat(work, tmp, perm)?;
     }
     sys::utimensat(
         work,
