@@ -1064,3 +1064,66 @@ pub fn set_sched_policy(p: SchedPolicy) -> io::Result<()> {
     // SAFETY: pid 0 is the calling thread; `param` outlives the call.
     check(unsafe { libc::sched_setscheduler(0, policy, &param) }).map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ways (`*xattrat`/`fchmodat2`, and the procfs fallback of older
+    /// kernels) give the same answers; neither follows a final symlink.
+    #[test]
+    fn xattr_and_chmod_calls_agree_with_their_fallbacks() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(tmp.path().join("f"), b"x").expect("write");
+        std::os::unix::fs::symlink("f", tmp.path().join("l")).expect("symlink");
+        let c = CString::new(tmp.path().as_os_str().as_bytes()).expect("path");
+        // SAFETY: valid C string.
+        let raw = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY) };
+        // SAFETY: fresh descriptor.
+        let dir = unsafe { OwnedFd::from_raw_fd(check(raw).expect("open")) };
+        let d = dir.as_fd();
+        let (f, l) = (Some(OsStr::new("f")), Some(OsStr::new("l")));
+        for fast in [true, false] {
+            XATTRAT.store(fast && NEW_SYSCALLS, Ordering::Relaxed);
+            FCHMODAT2.store(fast && NEW_SYSCALLS, Ordering::Relaxed);
+            let v: &[u8] = if fast { b"fast" } else { b"slow" };
+            lsetxattr(d, f, b"user.t", v, 0).expect("set on the file");
+            assert_eq!(lgetxattr(d, f, b"user.t").expect("get"), v);
+            assert!(llistxattr(d, f)
+                .expect("list")
+                .contains(&b"user.t".to_vec()));
+            // The symlink itself has no such attribute (not followed).
+            let e = lgetxattr(d, l, b"user.t").expect_err("symlink followed");
+            assert_eq!(e.raw_os_error(), Some(libc::ENODATA));
+            lsetxattr(d, None, b"user.d", v, 0).expect("set on the directory");
+            assert_eq!(lgetxattr(d, None, b"user.d").expect("get dir"), v);
+            lremovexattr(d, None, b"user.d").expect("remove dir");
+            lremovexattr(d, f, b"user.t").expect("remove");
+            let e = lgetxattr(d, f, b"user.t").expect_err("still there");
+            assert_eq!(e.raw_os_error(), Some(libc::ENODATA));
+            assert!(lgetxattr(d, Some(OsStr::new("a/b")), b"user.t").is_err());
+
+            chmodat(d, OsStr::new("f"), 0o640).expect("chmodat");
+            assert_eq!(
+                fstatat(d, OsStr::new("f")).expect("stat").st_mode & 0o7777,
+                0o640
+            );
+            let fd = openat(d, OsStr::new("f"), libc::O_PATH | libc::O_NOFOLLOW, 0).expect("open");
+            chmod_fd(fd.as_fd(), 0o604).expect("chmod_fd");
+            assert_eq!(
+                fstatat(d, OsStr::new("f")).expect("stat").st_mode & 0o7777,
+                0o604
+            );
+            // chmod of a symlink by name: refused, the target untouched.
+            assert!(chmodat(d, OsStr::new("l"), 0o600).is_err());
+            assert_eq!(
+                fstatat(d, OsStr::new("f")).expect("stat").st_mode & 0o7777,
+                0o604
+            );
+            // A fast path still in use: nothing fell back behind our back.
+            assert_eq!(XATTRAT.load(Ordering::Relaxed), fast && NEW_SYSCALLS);
+        }
+        XATTRAT.store(NEW_SYSCALLS, Ordering::Relaxed);
+        FCHMODAT2.store(NEW_SYSCALLS, Ordering::Relaxed);
+    }
+}
