@@ -100,7 +100,15 @@ pub fn list(u: &Union, node: &Node) -> io::Result<Vec<DirEnt>> {
             }
             Err(e) => return Err(e),
         };
-        for e in sys::read_dir_all(dfd.as_fd())? {
+        let t0 = std::time::Instant::now();
+        let entries = sys::read_dir_all(dfd.as_fd())?;
+        let subdirs = entries.iter().filter(|e| e.dtype == libc::DT_DIR);
+        u.prefetch.listed(
+            &dfd,
+            t0.elapsed(),
+            subdirs.map(|e| OsStr::from_bytes(&e.name)),
+        );
+        for e in entries {
             let name = OsStr::from_bytes(&e.name);
             if seen.contains(name) {
                 continue;

@@ -20,6 +20,7 @@ pub mod layers;
 pub mod mount;
 pub mod namespace;
 pub mod options;
+pub mod prefetch;
 pub mod store;
 pub mod sys;
 pub mod union;

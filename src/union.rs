@@ -58,6 +58,7 @@ pub struct Union {
     /// Copy-ups are not fsynced (the `volatile` option).
     pub volatile: bool,
     pub listings: crate::dirmerge::Listings,
+    pub prefetch: crate::prefetch::Prefetch,
     /// Held shared by every FUSE request that reads or changes the union,
     /// exclusively by checkpoint capture and rollback: they see (and make)
     /// a state no request is halfway through.
@@ -89,6 +90,7 @@ impl Union {
             read_only,
             volatile,
             listings: Default::default(),
+            prefetch: Default::default(),
             gate: parking_lot::RwLock::new(()),
         };
         let impure = match u.layers.upper_root() {
