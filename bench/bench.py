@@ -39,16 +39,18 @@ SIZES = {
 BACKENDS = ["native", "overlay", "fuse-overlayfs", "layerfs"]
 # Not run by default: layerfs without its change journal (`-o journal=off`), to measure what the
 # journal costs, and layerfs with requests through /dev/fuse (`-o uring=off`), to measure what the
-# io_uring queues bring.
-EXTRA_BACKENDS = ["layerfs-nojournal", "layerfs-devfuse"]
+# io_uring queues bring, and layerfs with unsynced copy-ups (`-o volatile`, as kernel overlayfs's
+# option), to compare copy-up with fuse-overlayfs, which never syncs one.
+EXTRA_BACKENDS = ["layerfs-nojournal", "layerfs-devfuse", "layerfs-volatile"]
 LABEL = {"native": "native ext4", "overlay": "kernel overlayfs",
          "fuse-overlayfs": "fuse-overlayfs", "layerfs": "layerfs",
-         "layerfs-nojournal": "layerfs journal=off", "layerfs-devfuse": "layerfs uring=off"}
-LAYERFS_NAMES = ("layerfs", "layerfs-nojournal", "layerfs-devfuse")
+         "layerfs-nojournal": "layerfs journal=off", "layerfs-devfuse": "layerfs uring=off",
+         "layerfs-volatile": "layerfs volatile"}
+LAYERFS_NAMES = ("layerfs", "layerfs-nojournal", "layerfs-devfuse", "layerfs-volatile")
 # layerfs runs with its requests through per-CPU io_uring queues (`uring=on`, which turns on the
 # kernel's fuse.enable_uring); `layerfs-devfuse` is the same through /dev/fuse.
 LAYERFS_OPTS = {"layerfs": ",uring=on", "layerfs-nojournal": ",uring=on,journal=off",
-                "layerfs-devfuse": ",uring=off"}
+                "layerfs-devfuse": ",uring=off", "layerfs-volatile": ",uring=on,volatile"}
 
 BIG_REL = "srv/data/big.img"
 BIGDIR_REL = "var/cache/bigdir"

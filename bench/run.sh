@@ -3,7 +3,7 @@
 # and fuse-overlayfs.  Not a test: it only measures and prints.  See bench/README.md.
 #
 #   bench/run.sh [--quick] [--runs N] [--out DIR] [--workdir DIR] [--keep]
-#                [--backends native,overlay,fuse-overlayfs,layerfs[,layerfs-nojournal][,layerfs-devfuse]] [--only KEY,...]
+#                [--backends native,overlay,fuse-overlayfs,layerfs[,layerfs-nojournal][,layerfs-devfuse][,layerfs-volatile]] [--only KEY,...]
 #
 # Env: LAYERFS=path to the layerfs binary (default target/release/layerfs, built
 # with `cargo build --release` when missing).  Needs root, /dev/fuse, loop devices.
