@@ -114,7 +114,8 @@ impl Prefetch {
         self.inner.0.lock().jobs.len()
     }
 
-    /// Directories queued since the mount (for tests and status).
+    /// Directories queued since the mount (for tests: unlike `queued`, not
+    /// changed by the worker threads).
     pub fn accepted(&self) -> u64 {
         self.inner.0.lock().accepted
     }
